@@ -1,0 +1,64 @@
+"""The ``anomalygpt-edge`` command: a thin layer over all parts.
+
+Each subcommand lives in the part it belongs to, as a module with ``add_arguments(parser)``
+and ``run(args) -> int``; it is imported only when chosen, so ``inspect`` never loads torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> (module, one-line help). Order is the order shown in --help.
+SUBCOMMANDS = {
+    'inspect': ('anomalygpt_edge.runtime.cmd_inspect', 'inspect images with a bundle: verdict, answer, map, location'),
+    'chat': ('anomalygpt_edge.runtime.cmd_chat', 'multi-turn chat about one image'),
+    'export': ('anomalygpt_edge.export.cmd_export', 'build a bundle (ONNX + GGUF) from checkpoints or a tiny random model'),
+    'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
+}
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  the command ran but a check failed (e.g. compare out of tolerance)
+  2  bad usage or bad input (missing file, corrupt image, invalid bundle)
+  3  a required optional dependency is missing (e.g. torch for export)
+"""
+
+
+def _parser(available: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='anomalygpt-edge',
+        description='AnomalyGPT on the edge: export the reference model to ONNX/GGUF bundles and run them '
+                    'with ONNX Runtime / TensorRT and llama.cpp, offline.',
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--version', action='version', version=f'anomalygpt-edge {__version__}')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (_, help_) in available.items():
+        sub.add_parser(name, help=help_)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith('-')), None)
+    if command not in SUBCOMMANDS:
+        parser = _parser(SUBCOMMANDS)
+        if command is None:
+            parser.print_help() if not argv else parser.parse_args(argv)
+            return 0 if argv else 2
+        parser.error(f"unknown command {command!r}")
+    module_name, help_ = SUBCOMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        print(f"anomalygpt-edge {command}: needs the package {e.name!r}, which is not installed "
+              f"(training-side commands need: pip install 'anomalygpt-edge[export]')", file=sys.stderr)
+        return 3
+    parser = argparse.ArgumentParser(prog=f'anomalygpt-edge {command}', description=module.__doc__ or help_,
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    rest = argv[:]
+    rest.remove(command)
+    return int(module.run(parser.parse_args(rest)) or 0)

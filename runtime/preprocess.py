@@ -1,0 +1,97 @@
+"""Image decoding and preprocessing with OpenCV (no torch, no Pillow).
+
+Decodes any common image (8/16-bit, gray, RGBA, BGR order handled), refuses what is not a whole
+image with an error that names the file, and reproduces the reference's two resize modes:
+``squash`` (Resize((224,224)), training and web demo; the default) and ``center_crop`` (shorter
+side to 224 then centre crop; test scripts and few-shot references).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RESIZE_MODES = ('squash', 'center_crop')
+MIN_SIDE = 16
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and the problem."""
+
+
+def _truncated(data: bytes) -> str | None:
+    """OpenCV decodes a truncated JPEG/PNG into a partly grey image with only a warning: catch it here."""
+    if data[:3] == b'\xff\xd8\xff' and b'\xff\xd9' not in data[-64:]:
+        return 'truncated JPEG (no end-of-image marker)'
+    if data[:8] == b'\x89PNG\r\n\x1a\n' and b'IEND' not in data[-32:]:
+        return 'truncated PNG (no IEND chunk)'
+    return None
+
+
+def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
+    """Encoded bytes -> RGB uint8 [H,W,3]."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    problem = _truncated(data)
+    if problem:
+        raise ImageError(f"{name}: {problem}")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise ImageError(f"{name}: not a decodable image (corrupt, or not an image format OpenCV reads)")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped, as PIL's convert('RGB')
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    return img
+
+
+def load_image(path) -> np.ndarray:
+    """A file path -> RGB uint8 [H,W,3], or an ImageError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{p}: no such file")
+    if not p.is_file():
+        raise ImageError(f"{p}: not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{p}: cannot be read ({e.strerror})") from None
+    return decode_image(data, os.fspath(p))
+
+
+def resize(rgb: np.ndarray, size: int = 224, mode: str = 'squash') -> np.ndarray:
+    """Bicubic resize; downscaling uses area averaging, closer to Pillow's antialiased bicubic."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
+    h, w = rgb.shape[:2]
+    if mode == 'squash':
+        interp = cv2.INTER_AREA if (w > size and h > size) else cv2.INTER_CUBIC
+        return cv2.resize(rgb, (size, size), interpolation=interp)
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    img = cv2.resize(rgb, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def normalise(rgb224: np.ndarray, mean, std) -> np.ndarray:
+    """RGB uint8 [224,224,3] -> float32 [1,3,224,224] with the CLIP mean/std."""
+    x = rgb224.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def preprocess(rgb: np.ndarray, mean, std, size: int = 224, mode: str = 'squash') -> np.ndarray:
+    return normalise(resize(rgb, size, mode), mean, std)
