@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..runtime.answers import parse_verdict
 from . import spec
 from .anomalygpt import AnomalyGPT
 from .generation import greedy_generate, prompt_text
@@ -26,12 +27,6 @@ class ReferenceResult:
     class_name: str
     image_token: np.ndarray = field(repr=False)   # [1,D]
     prompts: np.ndarray = field(repr=False)       # [18,D]
-
-
-def reference_verdict(answer: str) -> str:
-    """The reference evaluation's rule, made three-way: 'Yes' in the answer -> yes, 'No' -> no."""
-    yes, no = 'Yes' in answer, 'No' in answer
-    return 'yes' if yes and not no else 'no' if no and not yes else 'unclear'
 
 
 class ReferencePipeline:
@@ -80,5 +75,5 @@ class ReferencePipeline:
         ids, answer = greedy_generate(self.model.llama_model, embeds, self.tokenizer, self.eos_id, self.max_new_tokens)
         m = amap[0, 0].float().numpy()
         return ReferenceResult(anomaly_map=m, score=float(m.max()), answer=answer, answer_ids=ids,
-                               verdict=reference_verdict(answer), class_name=class_name,
+                               verdict=parse_verdict(answer), class_name=class_name,
                                image_token=token[0].float().numpy(), prompts=prompts[0].float().numpy())

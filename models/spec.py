@@ -93,9 +93,8 @@ def resolve_class(text: str) -> str:
 
 def position_word(row: float, col: float) -> str:
     """Position word for a centre given as fractions of height (row) and width (col)."""
-    def cell(v: float) -> int:
-        return 0 if v <= 1 / 3 else (1 if v <= 2 / 3 else 2)
-    return POSITION_WORDS[cell(row)][cell(col)]
+    from ..runtime.answers import position_word as word_in_grid  # the one implementation of the grid rule
+    return word_in_grid(row, col, POSITION_WORDS)
 
 
 def question_for(class_name: str) -> str:

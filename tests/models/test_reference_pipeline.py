@@ -5,7 +5,7 @@ import torch
 
 from anomalygpt_edge.models import spec
 from anomalygpt_edge.models.generation import finish_answer, prompt_text
-from anomalygpt_edge.models.reference import ReferencePipeline, reference_verdict
+from anomalygpt_edge.models.reference import ReferencePipeline
 
 
 @pytest.fixture(scope='module')
@@ -80,12 +80,6 @@ def test_history_format_and_answer_strip():
     assert prompt_text('Q') == 'Q'
     assert finish_answer('Yes, at the top.\n##') == 'Yes, at the top.'
     assert finish_answer('No anomaly') == 'No anomaly'
-
-
-def test_verdict_rule():
-    assert reference_verdict('Yes, there is an anomaly in the image') == 'yes'
-    assert reference_verdict('No, there is no anomaly in the image.') == 'no'
-    assert reference_verdict('maybe') == 'unclear'
 
 
 def test_class_resolution_and_position_words():

@@ -1,0 +1,56 @@
+"""Assemble a bundle from a PyTorch AnomalyGPT: vision graphs, text features, GGUF, manifest."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import spec
+from ..models.anomalygpt import AnomalyGPT
+from ..models.text_features import text_feature_table
+from .bundle_writer import BundleWriter, package_versions, preprocess_manifest, prompt_manifest
+
+log = logging.getLogger(__name__)
+
+
+def class_table(extra: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Ordered class name -> description. The reference's inference order first (its first-match rule
+    depends on it), then the other described classes, then the user's own products."""
+    table: dict[str, str | None] = {name: spec.DESCRIPTIONS.get(name) for name in spec.CLASS_NAMES}
+    for name, desc in spec.DESCRIPTIONS.items():
+        table.setdefault(name, desc)
+    for name, desc in (extra or {}).items():
+        table[name.replace('_', ' ')] = desc
+    return table
+
+
+def write_bundle(out_dir, model: AnomalyGPT, text_tower, tokenizer_dir, source: dict, *,
+                 precisions=('fp32',), quants=('f16',), opset: int = 17, extra_classes=None,
+                 overwrite: bool = False, external_data_threshold: int | None = None, verify: bool = True) -> Path:
+    from .llm_export import export_llm
+    from .onnx_export import export_vision
+
+    classes = class_table(extra_classes)
+    with BundleWriter(out_dir, overwrite=overwrite) as w:
+        log.info("text features for %d classes", len(classes))
+        feats = text_feature_table(text_tower, list(classes))
+        table = np.stack([feats[name].float().numpy() for name in classes]).astype(np.float32)
+        np.save(w.path('text_features.npy'), table)
+        kwargs = {} if external_data_threshold is None else {'external_data_threshold': external_data_threshold}
+        components = export_vision(model, w.tmp, precisions=precisions, opset=opset, verify=verify, **kwargs)
+        llm = export_llm(model.llama_model, tokenizer_dir, w.tmp, quants=quants) if quants else None
+        manifest = {
+            'model': {'config': model.cfg.to_dict(), 'source': source},
+            'preprocess': preprocess_manifest(),
+            'prompt': prompt_manifest(),
+            'classes': {name: {'description': desc, 'row': i} for i, (name, desc) in enumerate(classes.items())},
+            'default_class': spec.DEFAULT_CLASS,
+            'text_features': {'file': 'text_features.npy', 'shape': list(table.shape)},
+            'components': components,
+            'llm': llm,
+            'created_by': package_versions('torch', 'onnx', 'onnxruntime', 'transformers', 'peft', 'gguf',
+                                           'llama-cpp-python'),
+        }
+        return w.commit(manifest)

@@ -1,0 +1,85 @@
+"""Build a bundle (ONNX vision graphs + GGUF LLM + manifest.json) for the device.
+
+  export released  from the released checkpoints (ImageBind-Huge, AnomalyGPT, PandaGPT, Vicuna v0)
+  export tiny      from a seeded random-weight tiny model (the fixture for tests and benchmarks)
+  export llm       (re)write only the LLM files of a bundle from Vicuna + the PandaGPT delta
+
+The bundle is written atomically: a failed export leaves no partial directory behind.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t.strip().lower() for t in text.split(',') if t.strip())
+
+
+def _classes(items) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, desc = item.partition('=')
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"--class-description takes NAME=DESCRIPTION, got {item!r}")
+        out[name.strip()] = desc.strip()
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest='what', required=True, metavar='WHAT')
+
+    def common(sp, quant_default):
+        sp.add_argument('--out', required=True, help='bundle directory to create')
+        sp.add_argument('--precision', default='fp32,fp16', type=_split,
+                        help='vision graph precisions, comma-separated (fp32, fp16; default: %(default)s)')
+        sp.add_argument('--quant', default=quant_default, type=_split,
+                        help='GGUF types, comma-separated: f32, f16, q8_0, q4_k_m, q4_0 (default: %(default)s)')
+        sp.add_argument('--opset', type=int, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
+        sp.add_argument('--class-description', action='append', metavar='NAME=DESCRIPTION',
+                        help='add your own product class with its description sentence (repeatable)')
+        sp.add_argument('--overwrite', action='store_true', help='replace an existing bundle')
+
+    r = sub.add_parser('released', help='bundle from the released checkpoints')
+    r.add_argument('--imagebind', required=True, help='imagebind_huge.pth')
+    r.add_argument('--anomalygpt', required=True, help='AnomalyGPT pytorch_model.pt (e.g. train_supervised)')
+    r.add_argument('--pandagpt', required=True, help='PandaGPT delta pytorch_model.pt (llama_proj + LoRA)')
+    r.add_argument('--vicuna', required=True, help='Vicuna v0 HF directory (vocab 32001)')
+    r.add_argument('--config', default='huge', help=argparse.SUPPRESS)
+    common(r, 'f16,q8_0,q4_k_m')
+
+    t = sub.add_parser('tiny', help='bundle from a seeded random tiny model')
+    t.add_argument('--seed', type=int, default=0)
+    common(t, 'f32,q8_0')
+
+    lm = sub.add_parser('llm', help='(re)write the LLM files of an existing bundle')
+    lm.add_argument('--vicuna', required=True, help='Vicuna v0 HF directory')
+    lm.add_argument('--pandagpt', required=True, help='PandaGPT delta (LoRA) file')
+    lm.add_argument('--out', required=True, help='existing bundle directory to update')
+    lm.add_argument('--quant', default='f16,q8_0,q4_k_m', type=_split, help='GGUF types (default: %(default)s)')
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    from ..models.loaders import CheckpointError
+    try:
+        if args.what == 'tiny':
+            from .tiny import export_tiny
+            out = export_tiny(args.out, seed=args.seed, precisions=args.precision, quants=args.quant,
+                              overwrite=args.overwrite, extra_classes=_classes(args.class_description),
+                              opset=args.opset)
+        elif args.what == 'released':
+            from .released import export_released
+            out = export_released(args.out, args.imagebind, args.anomalygpt, args.pandagpt, args.vicuna,
+                                  config=args.config, precisions=args.precision, quants=args.quant,
+                                  overwrite=args.overwrite, extra_classes=_classes(args.class_description),
+                                  opset=args.opset)
+        else:
+            from .bundle_export import update_bundle_llm
+            out = update_bundle_llm(args.out, args.vicuna, args.pandagpt, quants=args.quant)
+    except (CheckpointError, FileExistsError, FileNotFoundError, argparse.ArgumentTypeError) as e:
+        print(f"anomalygpt-edge export: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,320 @@
+"""The device-side pipeline: image -> encoder -> decoder or few-shot -> prompt learner -> LLM -> Result.
+
+Torch-free. Everything the device needs (shapes, prompt strings, class descriptions, location
+words) comes from the bundle's manifest.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .answers import locations, parse_verdict, verdict_known
+from .bundle import Bundle, BundleError
+from .preprocess import ImageError, load_image, decode_image, preprocess, resize
+
+
+@dataclass
+class Result:
+    image: str
+    class_name: str
+    score: float                          # max of the anomaly map (the image-level score)
+    anomaly_map: np.ndarray = field(repr=False)   # [224,224] float32
+    locations: list[str]                  # 3x3 words of the map's hot regions, largest first
+    verdict: str | None                   # 'yes' | 'no' | 'unclear'; None without the LLM
+    answer: str | None
+    answer_ids: list[int] = field(default_factory=list, repr=False)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    original_size: tuple[int, int] | None = None   # (height, width) of the input image
+    few_shot: bool = False
+
+    def map_at_original(self) -> np.ndarray:
+        """The map resized to the input image's size (squash mode inverts exactly this way)."""
+        import cv2
+        if self.original_size is None:
+            return self.anomaly_map
+        h, w = self.original_size
+        return cv2.resize(self.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    def to_dict(self, include_map: bool = False) -> dict:
+        d = {'image': self.image, 'class': self.class_name, 'verdict': self.verdict, 'answer': self.answer,
+             'score': round(self.score, 6), 'locations': self.locations, 'few_shot': self.few_shot,
+             'timings_ms': {k: round(v, 3) for k, v in self.timings_ms.items()}}
+        if include_map:
+            d['anomaly_map'] = self.anomaly_map.tolist()
+        return d
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + (time.perf_counter() - self.t0) * 1e3
+
+
+class Pipeline:
+    """``Pipeline.from_bundle(path).inspect(image, class_name=...)``."""
+
+    def __init__(self, bundle: Bundle, precision: str = 'fp32', backend: str = 'onnxruntime',
+                 llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = 2048,
+                 exact_llm: bool = False, resize_mode: str | None = None, max_new_tokens: int = 128):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.pre = m['preprocess']
+        self.resize_mode = resize_mode or self.pre['resize']
+        self.prompt = m['prompt']
+        self.classes = m.get('classes', {})
+        self.default_class = m.get('default_class', 'object')
+        self.text_features = np.load(bundle.path(m['text_features']['file']))
+        self.max_new_tokens = max_new_tokens
+        self.runners = {name: self._runner(name, precision, backend, threads)
+                        for name in ('encoder', 'decoder', 'fewshot', 'prompt_learner') if name in m['components']}
+        self.session = None
+        self._kv_keys: list = []  # what occupies each KV position: token id, or (kind, image key, i)
+        if llm:
+            self.session = self._llm_session(quant, threads, n_ctx, exact_llm)
+
+    @classmethod
+    def from_bundle(cls, path, verify_hashes: bool = False, **kwargs) -> "Pipeline":
+        return cls(Bundle.open(path, verify_hashes=verify_hashes), **kwargs)
+
+    # -- construction -------------------------------------------------------------------------
+    def _runner(self, name, precision, backend, threads):
+        entry = self.bundle.component(name, precision)
+        path = self.bundle.path(entry['file'])
+        if backend in ('onnxruntime', 'auto'):
+            from .runners import OrtRunner
+            return OrtRunner(path, intra_op_threads=threads)
+        raise BundleError(f"unknown backend {backend!r} (this build supports onnxruntime)")
+
+    def _llm_session(self, quant, threads, n_ctx, exact):
+        llm = self.bundle.llm
+        if not llm:
+            raise BundleError(f"{self.bundle.root}: the bundle has no LLM (run with llm=False / --no-llm)")
+        quant = quant or llm['default']
+        if quant not in llm['files']:
+            raise BundleError(f"{self.bundle.root}: no {quant!r} GGUF in the bundle (it has {sorted(llm['files'])})")
+        from .llama_session import LlamaSession
+        return LlamaSession(self.bundle.path(llm['files'][quant]), n_ctx=n_ctx, n_threads=threads,
+                            n_threads_batch=threads, exact=exact)
+
+    def close(self):
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- inputs -------------------------------------------------------------------------------
+    def load(self, image, mode: str | None = None) -> tuple[np.ndarray, str, tuple[int, int]]:
+        """Path, encoded bytes, or an RGB uint8 array -> ([1,3,224,224], name, (h, w))."""
+        if isinstance(image, (str, os.PathLike)):
+            rgb, name = load_image(image), os.fspath(image)
+        elif isinstance(image, (bytes, bytearray)):
+            rgb, name = decode_image(bytes(image)), '<bytes>'
+        else:
+            rgb, name = np.asarray(image), '<array>'
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ImageError(f"{name}: expected an RGB uint8 array [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
+        x = preprocess(rgb, self.pre['mean'], self.pre['std'], self.pre['size'], mode or self.resize_mode)
+        return x, name, rgb.shape[:2]
+
+    def resolve_class(self, class_name: str | None, describe: str | None) -> str:
+        """An explicit class, else the reference's first-substring match over the bundle's classes."""
+        if class_name is not None:
+            key = class_name.replace('_', ' ')
+            if key not in self.classes:
+                raise KeyError(f"unknown class {class_name!r}; the bundle has: {', '.join(self.classes)}")
+            return key
+        text = describe or ''
+        return next((name for name in self.classes if name in text), self.default_class)
+
+    def question(self, class_name: str, describe: str | None, question: str | None) -> str:
+        if question is not None:
+            return question
+        desc = describe if describe is not None else (self.classes.get(class_name) or {}).get('description')
+        return f"{desc} {self.prompt['question']}" if desc else self.prompt['question']
+
+    # -- vision -------------------------------------------------------------------------------
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.runners['encoder'].infer({'image': x})
+        return out['image_token'], out['taps']
+
+    def memory(self, references, mode: str = 'center_crop') -> np.ndarray:
+        """Normal memory [4, k*256, C] from reference images (the reference encodes them centre-cropped)."""
+        refs = [r if isinstance(r, np.ndarray) and r.ndim == 4 else self.load(r, mode)[0] for r in references]
+        if not refs:
+            raise ValueError("few-shot needs at least one normal reference image")
+        taps = np.concatenate([self.encode(x)[1] for x in refs])       # [k,4,256,C]
+        return np.ascontiguousarray(taps.transpose(1, 0, 2, 3).reshape(taps.shape[1], -1, taps.shape[3]))
+
+    @staticmethod
+    def save_memory(path, memory: np.ndarray, class_name: str) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + '.partial.npz')
+        np.savez(tmp, memory=memory, class_name=class_name)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load_memory(path) -> tuple[np.ndarray, str]:
+        try:
+            with np.load(path) as z:
+                return z['memory'], str(z['class_name'])
+        except (OSError, KeyError, ValueError) as e:
+            raise BundleError(f"{path}: not a saved few-shot memory ({e})") from None
+
+    def vision(self, x: np.ndarray, class_name: str, memory: np.ndarray | None = None, timings=None):
+        """-> (image_token [B,1,D], anomaly map [B,1,224,224], prompts [B,18,D])."""
+        timings = {} if timings is None else timings
+        with _Timer(timings, 'encoder'):
+            token, taps = self.encode(x)
+        with _Timer(timings, 'decoder'):
+            if memory is not None:
+                amap = self.runners['fewshot'].infer({'taps': taps, 'memory': memory})['anomaly_map']
+            else:
+                feats = self.text_features[self.classes[class_name]['row']]
+                amap = self.runners['decoder'].infer({'taps': taps, 'text_features': feats})['anomaly_map']
+        with _Timer(timings, 'prompt_learner'):
+            prompts = self.runners['prompt_learner'].infer({'anomaly_map': amap})['prompts']
+        return token, amap, prompts
+
+    # -- LLM ----------------------------------------------------------------------------------
+    def prompt_text(self, question: str, history=()) -> str:
+        p = self.prompt
+        parts = [(p['history_first'] if i == 0 else p['history_next']).format(q=q, a=a) for i, (q, a) in enumerate(history)]
+        parts.append(p['turn_next'].format(q=question) if history else question)
+        return ''.join(parts)
+
+    def _feed(self, segments) -> None:
+        """Bring the KV cache to the given segments, reusing the longest matching prefix already there.
+
+        segments: list of ('tokens', [ids]) or ('embeds', array [n,D], key). Embedding positions match
+        only when their key (the image's identity) is the same."""
+        s = self.session
+        wanted: list = []
+        for seg in segments:
+            if seg[0] == 'tokens':
+                wanted += list(seg[1])
+            else:
+                wanted += [('embed', seg[2], i) for i in range(len(seg[1]))]
+        have = self._kv_keys
+        common = 0
+        for a, b in zip(have, wanted):
+            if a != b:
+                break
+            common += 1
+        if common == len(wanted) and common > 0:
+            common -= 1  # re-evaluate the last position so its logits are current
+        s.truncate(common)
+        self._kv_keys = have[:common]
+        pos = 0
+        for seg in segments:
+            n = len(seg[1])
+            lo = max(common - pos, 0)
+            if lo < n:
+                if seg[0] == 'tokens':
+                    s.eval_tokens(list(seg[1])[lo:])
+                else:
+                    s.eval_embeddings(np.ascontiguousarray(seg[1][lo:], dtype=np.float32))
+            pos += n
+        self._kv_keys = wanted
+
+    def llm_segments(self, token: np.ndarray, prompts: np.ndarray, prompt_text: str, key) -> list:
+        s, p = self.session, self.prompt
+        return [('tokens', [s.bos_id] + s.tokenize(p['start'])),
+                ('embeds', token.reshape(-1, token.shape[-1]), ('img', key)),
+                ('tokens', s.tokenize(p['image_end'])),
+                ('embeds', prompts.reshape(-1, prompts.shape[-1]), ('pl', key)),
+                ('tokens', s.tokenize(prompt_text + p['assistant']))]
+
+    def answer(self, segments, verdict_first: bool = False, timings=None):
+        timings = {} if timings is None else timings
+        with _Timer(timings, 'llm_prefill'):
+            self._feed(segments)
+        t0 = time.perf_counter()
+        first = {}
+
+        def on_token(_id, text):
+            if 'verdict' not in first and verdict_known(text):
+                first['verdict'] = (time.perf_counter() - t0) * 1e3
+                return verdict_first
+            return False
+        ids, raw = self.session.generate(self.max_new_tokens, stop=tuple(self.prompt['stop']), on_token=on_token)
+        timings['llm_generate'] = (time.perf_counter() - t0) * 1e3
+        if 'verdict' in first:
+            timings['time_to_verdict'] = timings['llm_prefill'] + first['verdict']
+        self._kv_keys = (self._kv_keys + list(ids))[:self.session.n_past]
+        cut = min((raw.find(st) for st in self.prompt['stop'] if st in raw), default=-1)
+        text = (raw if cut < 0 else raw[:cut]).rstrip('\n').strip()
+        return ids, text
+
+    # -- the main job -------------------------------------------------------------------------
+    def inspect(self, image, class_name: str | None = None, describe: str | None = None, question: str | None = None,
+                references=None, memory: np.ndarray | None = None, llm: bool = True, verdict_first: bool = False,
+                threshold: float = 0.5) -> Result:
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+        with _Timer(timings, 'preprocess'):
+            x, name, size = self.load(image)
+        cls = self.resolve_class(class_name, ' '.join(t for t in (describe, question) if t))
+        if references is not None and memory is None:
+            with _Timer(timings, 'memory'):
+                memory = self.memory(references)
+        token, amap, prompts = self.vision(x, cls, memory, timings)
+        m = amap[0, 0]
+        verdict = answer = None
+        ids: list[int] = []
+        if llm and self.session is not None:
+            q = self.question(cls, describe, question)
+            ids, answer = self.answer(self.llm_segments(token, prompts, self.prompt_text(q), object()),
+                                      verdict_first, timings)
+            verdict = parse_verdict(answer)
+        timings['total'] = (time.perf_counter() - t_all) * 1e3
+        return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
+                      locations=locations(m, self.prompt['location_words'], threshold), verdict=verdict,
+                      answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
+                      few_shot=memory is not None)
+
+    def chat(self, image, **kwargs) -> "Chat":
+        return Chat(self, image, **kwargs)
+
+
+class Chat:
+    """Multi-turn chat about one image. Each turn keeps the KV cache: only the new text is prefilled
+    (the prompt is the reference's full history format, so answers equal a full re-prefill)."""
+
+    def __init__(self, pipeline: Pipeline, image, class_name=None, describe=None, references=None, memory=None):
+        if pipeline.session is None:
+            raise BundleError("chat needs the LLM; the pipeline was built without it")
+        self.p = pipeline
+        x, self.name, _ = pipeline.load(image)
+        self.class_name = pipeline.resolve_class(class_name, describe)
+        if references is not None and memory is None:
+            memory = pipeline.memory(references)
+        self.token, self.amap, self.prompts = pipeline.vision(x, self.class_name, memory)
+        self.key = object()
+        self.history: list[tuple[str, str]] = []
+        self.describe = describe
+
+    @property
+    def score(self) -> float:
+        return float(self.amap.max())
+
+    def ask(self, question: str | None = None) -> str:
+        if question is None:
+            question = self.p.question(self.class_name, self.describe, None)
+        text = self.p.prompt_text(question, self.history)
+        _, answer = self.p.answer(self.p.llm_segments(self.token, self.prompts, text, self.key))
+        self.history.append((question, answer))
+        return answer

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from anomalygpt_edge.runtime.answers import locations, parse_verdict, position_word, verdict_known
+
+WORDS = (('top left', 'top', 'top right'), ('left', 'center', 'right'), ('bottom left', 'bottom', 'bottom right'))
+
+
+@pytest.mark.parametrize('answer,expected', [
+    ('Yes, there is an anomaly in the image, at the top of the image.', 'yes'),
+    ('No, there is no anomaly in the image.', 'no'),
+    ('  yes.', 'yes'),
+    ('There is an anomaly. Yes.', 'yes'),          # reference rule: 'Yes' in the answer
+    ('Nothing is wrong', 'no'),                    # no first-word verdict: the reference's substring rule
+    ('Yes and No', 'yes'),                         # the first word decides
+    ('', 'unclear'),
+    ('I cannot tell', 'unclear'),
+])
+def test_parse_verdict(answer, expected):
+    assert parse_verdict(answer) == expected
+
+
+def test_verdict_known_waits_for_the_word_to_end():
+    assert not verdict_known('No')
+    assert not verdict_known('Nor')
+    assert verdict_known('No,')
+    assert verdict_known('Yes ')
+    assert not verdict_known('Normal')
+
+
+@pytest.mark.parametrize('row,col,word', [
+    (0.0, 0.0, 'top left'), (1 / 3, 1 / 3, 'top left'), (0.3334, 0.3334, 'center'),
+    (2 / 3, 2 / 3, 'center'), (0.6667, 0.1, 'bottom left'), (0.1, 0.99, 'top right'), (0.5, 0.01, 'left'),
+])
+def test_position_word_thresholds(row, col, word):
+    assert position_word(row, col, WORDS) == word
+
+
+def test_locations_from_map():
+    m = np.zeros((224, 224), np.float32)
+    m[10:40, 180:220] = 0.9      # top right, larger
+    m[150:170, 100:120] = 0.8    # bottom centre (rows 150-170 -> 0.71)
+    m[100, 5] = 0.99             # a single hot pixel: below the minimum area
+    assert locations(m, WORDS) == ['top right', 'bottom']
+    assert locations(np.zeros((224, 224)), WORDS) == []
+    assert locations(m, WORDS, threshold=0.85) == ['top right']
