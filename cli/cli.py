@@ -19,6 +19,10 @@ SUBCOMMANDS = {
     'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
 }
 
+# packages a subcommand may need that a runtime-only install lacks
+OPTIONAL = {'torch', 'transformers', 'peft', 'onnx', 'onnxscript', 'gguf', 'sentencepiece', 'tensorrt', 'pycuda',
+            'sklearn', 'matplotlib', 'PIL', 'ftfy', 'regex'}
+
 EXIT_CODES = """exit codes:
   0  success
   1  the command ran but a check failed (e.g. compare out of tolerance)
@@ -52,13 +56,15 @@ def main(argv=None) -> int:
     module_name, help_ = SUBCOMMANDS[command]
     try:
         module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f'anomalygpt-edge {command}', description=module.__doc__ or help_,
+                                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+        rest = argv[:]
+        rest.remove(command)
+        return int(module.run(parser.parse_args(rest)) or 0)
     except ModuleNotFoundError as e:
+        if (e.name or '').split('.')[0] not in OPTIONAL:
+            raise
         print(f"anomalygpt-edge {command}: needs the package {e.name!r}, which is not installed "
-              f"(training-side commands need: pip install 'anomalygpt-edge[export]')", file=sys.stderr)
+              f"(training-side commands need: pip install torch==2.13.0 'anomalygpt-edge[export]')", file=sys.stderr)
         return 3
-    parser = argparse.ArgumentParser(prog=f'anomalygpt-edge {command}', description=module.__doc__ or help_,
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
-    rest = argv[:]
-    rest.remove(command)
-    return int(module.run(parser.parse_args(rest)) or 0)
