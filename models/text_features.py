@@ -40,17 +40,23 @@ def class_sentences(class_name: str) -> tuple[list[str], list[str]]:
     return build(spec.PROMPT_NORMAL), build(spec.PROMPT_ABNORMAL)
 
 
-@torch.no_grad()
-def class_text_features(text_tower, class_name: str) -> torch.Tensor:
-    """[2,E]: row 0 normal, row 1 abnormal; each the L2-normalised mean of its sentence embeddings."""
+@functools.lru_cache(maxsize=256)
+def class_token_ids(class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP BPE ids [14,77] and [10,77] of the normal and abnormal sentences of one class."""
     tok = clip_tokenizer()
+    return tuple(tok(sentences) for sentences in class_sentences(class_name))
+
+
+def class_text_features(text_tower, class_name: str) -> torch.Tensor:
+    """[2,E]: row 0 normal, row 1 abnormal; each the L2-normalised mean of its sentence embeddings.
+    Differentiable (training); wrap in ``torch.no_grad()`` for export."""
     rows = []
-    for sentences in class_sentences(class_name):
-        emb = text_tower(tok(sentences))
-        mean = emb.mean(dim=0)
+    for ids in class_token_ids(class_name):
+        mean = text_tower(ids).mean(dim=0)
         rows.append(mean / mean.norm())
     return torch.stack(rows)
 
 
+@torch.no_grad()
 def text_feature_table(text_tower, class_names) -> dict[str, torch.Tensor]:
     return {name.replace('_', ' '): class_text_features(text_tower, name) for name in class_names}

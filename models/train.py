@@ -1,0 +1,260 @@
+"""Train the small demo model with AnomalyGPT's recipe on simulated anomalies, then export its bundle.
+
+  python -m anomalygpt_edge.models.train --work DIR --bundle OUT [--vision-steps N] [--lm-steps N]
+
+Stage 1 (vision): ImageBind-style tower + decoder + text tower, focal + dice on the 4 layer maps
+(spec 7.5), on normal images and NSA-simulated anomalies. Stage 2 (language): vision frozen;
+prompt learner, llama_proj and the small LLaMA trained with the LM loss on the answers only.
+Seeds are fixed; checkpoints are written atomically every few hundred steps and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import spec
+from .anomalygpt import AnomalyGPT
+from .config import ModelConfig, get_config
+from .decoder import layer_logits
+from .imagebind import TextTower, init_random
+from .losses import pixel_loss
+from .text_features import class_text_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    seed: int = 0
+    batch: int = 8
+    vision_steps: int = 1500
+    lm_steps: int = 800
+    lr_vision: float = 1e-3
+    lr_lm: float = 1e-3
+    threads: int = 2
+    checkpoint_every: int = 200
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_name(path.name + '.partial')
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _schedule(opt, step: int, total: int, base_lr: float) -> None:
+    """Linear warm-up over max(10, 10 %) of the steps, then linear decay, as the reference's WarmupDecayLR."""
+    warm = max(10, total // 10)
+    scale = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+    for g in opt.param_groups:
+        g['lr'] = base_lr * scale
+
+
+def _batches(dataset, batch: int, seed: int, start: int = 0):
+    """Endless deterministic batches; the dataset yields normal/simulated pairs as the reference does."""
+    from torch.utils.data import DataLoader
+    epoch = start * batch // len(dataset)
+    while True:
+        g = torch.Generator().manual_seed(seed + epoch)
+        yield from DataLoader(dataset, batch_size=batch, shuffle=True, generator=g, drop_last=True,
+                              collate_fn=_collate)
+        epoch += 1
+
+
+def _collate(items):
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+def _progress(total: int, desc: str, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit='step', dynamic_ncols=True)
+
+
+# -- stage 1 -----------------------------------------------------------------------------------
+def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> None:
+    params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.lr_vision, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
+    start = 0
+    if (state := load_checkpoint(ckpt)) is not None:
+        model.load_state_dict(state['model'], strict=False)
+        text.load_state_dict(state['text'])
+        opt.load_state_dict(state['opt'])
+        start = int(state['step'])
+        log.info("resumed vision training at step %d", start)
+    model.visual_encoder.train(), model.image_decoder.train(), text.train()
+    bar = _progress(s.vision_steps, 'vision', start)
+    batches = _batches(dataset, s.batch, s.seed, start)
+    for step in range(start, s.vision_steps):
+        b = next(batches)
+        _schedule(opt, step, s.vision_steps, s.lr_vision)
+        feats = {c: class_text_features(text, c) for c in set(b['category'])}
+        tf = torch.stack([feats[c] for c in b['category']])
+        _, taps = model.visual_encoder(b['image'])
+        loss = pixel_loss(layer_logits(model.image_decoder, taps, tf), b['mask'])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vision_steps:
+            save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(), opt=opt.state_dict(), step=step + 1)
+    bar.close()
+    model.eval(), text.eval()
+
+
+def _vision_state(model):
+    return {k: v for k, v in model.state_dict().items() if k.startswith(('visual_encoder.', 'image_decoder.'))}
+
+
+# -- stage 2 -----------------------------------------------------------------------------------
+def lm_batch(model: AnomalyGPT, tokenizer, token, prompts, questions, answers):
+    """Reference training layout: [BOS, PROMPT_START, IMG, IMAGE_END, 18 prompts, question + ASSISTANT,
+    answer + '\\n###'], each text segment tokenised alone; labels only on the answer tokens."""
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    emb = model.llama_model.get_input_embeddings()
+    start, end = enc(spec.PROMPT_START), enc(spec.IMAGE_END)
+    rows, labels = [], []
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        q_ids, a_ids = enc(q + spec.ASSISTANT), enc(a + '\n' + spec.TURN_SEPARATOR)
+        ids_before = [tokenizer.bos_token_id] + start
+        parts = [emb(torch.tensor(ids_before)), token[i], emb(torch.tensor(end)), prompts[i],
+                 emb(torch.tensor(q_ids + a_ids))]
+        rows.append(torch.cat(parts))
+        n_prefix = len(ids_before) + 1 + len(end) + prompts.shape[1] + len(q_ids)
+        labels.append([-100] * n_prefix + a_ids)
+    n = max(r.shape[0] for r in rows)
+    x = torch.zeros(len(rows), n, rows[0].shape[1])
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    y = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        x[i, :len(r)], mask[i, :len(r)], y[i, :len(lab)] = r, 1, torch.tensor(lab)
+    return x, mask, y
+
+
+def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: TrainSettings, ckpt: Path) -> None:
+    lm = model.llama_model
+    params = [*model.prompt_learner.parameters(), *model.llama_proj.parameters(),
+              *(p for p in lm.parameters())]
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=s.lr_lm, betas=(0.9, 0.95), weight_decay=1e-3)
+    start = 0
+    if (state := load_checkpoint(ckpt)) is not None:
+        model.load_state_dict(state['model'])
+        opt.load_state_dict(state['opt'])
+        start = int(state['step'])
+        log.info("resumed language training at step %d", start)
+    with torch.no_grad():
+        feats = {c: class_text_features(text, c) for c in dataset.categories}
+    model.prompt_learner.train(), model.llama_proj.train(), lm.train()
+    bar = _progress(s.lm_steps, 'language', start)
+    batches = _batches(dataset, s.batch, s.seed + 1, start)
+    for step in range(start, s.lm_steps):
+        b = next(batches)
+        _schedule(opt, step, s.lm_steps, s.lr_lm)
+        with torch.no_grad():
+            emb, taps = model.visual_encoder(b['image'])
+            tf = torch.stack([feats[c] for c in b['category']])
+            amap = model.anomaly_map(taps, tf)
+        token = model.image_token(emb)
+        prompts = model.prompt_learner(amap)
+        x, mask, y = lm_batch(model, tokenizer, token, prompts, b['question'], b['answer'])
+        loss = lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.lm_steps:
+            save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
+    bar.close()
+    model.eval()
+
+
+# -- the whole recipe --------------------------------------------------------------------------
+def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[AnomalyGPT, TextTower]:
+    from .tokenizer import vocab_size
+    cfg: ModelConfig = get_config(config, vocab=vocab_size(tokenizer_dir))
+    model = AnomalyGPT.random(cfg, seed=seed)
+    with torch.no_grad():  # LoRA stays in the architecture; trained weights live in the base model
+        for name, p in model.llama_model.named_parameters():
+            if 'lora_B' in name:
+                p.zero_()
+    text = TextTower(cfg.text)
+    init_random(text, seed + 2)
+    return model, text
+
+
+def demo_corpus(categories) -> list[str]:
+    from .tokenizer import reference_corpus
+    extra = [categories[c].description + ' ' + spec.QUESTION for c in categories]
+    return reference_corpus() + extra * 4
+
+
+def main(argv=None) -> int:
+    from .synthetic import CATEGORIES
+    from .synthetic_dataset import SimulatedAnomalyDataset
+    from .tokenizer import load_tokenizer, train_sentencepiece
+    ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.models.train', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--work', required=True, help='working directory: tokenizer, checkpoints (resumable)')
+    ap.add_argument('--bundle', help='export the trained model as a bundle here')
+    ap.add_argument('--config', default='small')
+    for f in dataclasses.fields(TrainSettings):
+        ap.add_argument('--' + f.name.replace('_', '-'), type=type(f.default), default=f.default)
+    ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
+    ap.add_argument('--quant', default='q8_0', help='GGUF type(s) for the bundle (comma-separated)')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    s = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(s.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = work / 'tokenizer'
+    if not (tok_dir / 'tokenizer.model').is_file():
+        train_sentencepiece(tok_dir, demo_corpus(CATEGORIES), vocab_size=600)
+    tokenizer = load_tokenizer(tok_dir)
+    model, text = build_small(tok_dir, s.seed, args.config)
+    dataset = SimulatedAnomalyDataset(categories=list(CATEGORIES), n=args.samples, seed=s.seed)
+    t0 = time.time()
+    train_vision(model, text, dataset, s, work / 'vision.pt')
+    log.info("vision stage done in %.1f min", (time.time() - t0) / 60)
+    t1 = time.time()
+    train_language(model, text, tokenizer, dataset, s, work / 'language.pt')
+    log.info("language stage done in %.1f min", (time.time() - t1) / 60)
+    torch.save({'model': model.state_dict(), 'text': text.state_dict(), 'config': model.cfg.to_dict()},
+               work / 'final.pt.partial')
+    os.replace(work / 'final.pt.partial', work / 'final.pt')
+    if args.bundle:
+        from ..export.bundle_export import write_bundle
+        extra = {c: CATEGORIES[c].description for c in CATEGORIES}
+        write_bundle(args.bundle, model, text, tok_dir,
+                     {'kind': 'trained', 'recipe': 'models/train.py', 'seed': s.seed,
+                      'settings': dataclasses.asdict(s), 'samples': args.samples},
+                     precisions=('fp32',), quants=tuple(q.strip() for q in args.quant.split(',')),
+                     extra_classes=extra, overwrite=True)
+        log.info("bundle written to %s", args.bundle)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
