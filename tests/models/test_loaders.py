@@ -9,6 +9,13 @@ from anomalygpt_edge.models.loaders import (CheckpointError, check_vicuna_dir, l
                                             load_imagebind, load_pandagpt_delta, read_state_dict)
 
 
+@pytest.fixture
+def model(tiny_config):
+    """A fresh model: these tests load random weights into it, so the shared tiny_model is left alone."""
+    from anomalygpt_edge.models.anomalygpt import AnomalyGPT
+    return AnomalyGPT.random(tiny_config, seed=11)
+
+
 def released_anomalygpt(model):
     """The AnomalyGPT release layout: 21 fp16 tensors, no prefix beyond the module names."""
     sd = {f'image_decoder.{k}': v for k, v in model.image_decoder.state_dict().items()}
@@ -33,24 +40,24 @@ def released_imagebind(vision, text):
     return sd
 
 
-def test_anomalygpt_delta_roundtrip(tmp_path, tiny_model):
-    sd = released_anomalygpt(tiny_model)
+def test_anomalygpt_delta_roundtrip(tmp_path, model):
+    sd = released_anomalygpt(model)
     assert len(sd) == 21
     torch.save(sd, tmp_path / 'pytorch_model.pt')
-    load_anomalygpt_delta(tmp_path / 'pytorch_model.pt', tiny_model)
-    assert torch.equal(tiny_model.prompt_learner.base_prompts, sd['prompt_learner.base_prompts'].float())
-    assert torch.equal(tiny_model.image_decoder.fc[2].bias, sd['image_decoder.fc.2.bias'].float())
+    load_anomalygpt_delta(tmp_path / 'pytorch_model.pt', model)
+    assert torch.equal(model.prompt_learner.base_prompts, sd['prompt_learner.base_prompts'].float())
+    assert torch.equal(model.image_decoder.fc[2].bias, sd['image_decoder.fc.2.bias'].float())
 
 
 @pytest.mark.parametrize('old_spelling', [False, True])
-def test_pandagpt_delta_both_spellings(tmp_path, tiny_model, old_spelling):
-    sd = released_pandagpt(tiny_model, old_spelling)
-    assert len(sd) == 2 + 8 * tiny_model.cfg.llm.layers
+def test_pandagpt_delta_both_spellings(tmp_path, model, old_spelling):
+    sd = released_pandagpt(model, old_spelling)
+    assert len(sd) == 2 + 8 * model.cfg.llm.layers
     torch.save(sd, tmp_path / 'delta.pt')
-    load_pandagpt_delta(tmp_path / 'delta.pt', tiny_model)
+    load_pandagpt_delta(tmp_path / 'delta.pt', model)
     key = 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight'
     src = sd['llama_model.' + (key.replace('.default', '') if old_spelling else key)]
-    assert torch.equal(tiny_model.llama_model.state_dict()[key], src.float())
+    assert torch.equal(model.llama_model.state_dict()[key], src.float())
 
 
 def test_imagebind_keeps_vision_and_text(tmp_path, tiny_config):
@@ -63,8 +70,8 @@ def test_imagebind_keeps_vision_and_text(tmp_path, tiny_config):
 
 
 @pytest.mark.parametrize('fault', ['renamed', 'missing', 'misshaped'])
-def test_wrong_key_is_named(tmp_path, tiny_model, fault):
-    sd = released_anomalygpt(tiny_model)
+def test_wrong_key_is_named(tmp_path, model, fault):
+    sd = released_anomalygpt(model)
     key = 'prompt_learner.meta_net.3.weight'
     if fault == 'renamed':
         sd['prompt_learner.meta_net.3.weights'] = sd.pop(key)
@@ -74,7 +81,7 @@ def test_wrong_key_is_named(tmp_path, tiny_model, fault):
         sd[key] = torch.zeros(3, 3)
     torch.save(sd, tmp_path / 'bad.pt')
     with pytest.raises(CheckpointError) as e:
-        load_anomalygpt_delta(tmp_path / 'bad.pt', tiny_model)
+        load_anomalygpt_delta(tmp_path / 'bad.pt', model)
     msg = str(e.value)
     assert 'bad.pt' in msg and key in msg
     if fault == 'renamed':
@@ -83,13 +90,13 @@ def test_wrong_key_is_named(tmp_path, tiny_model, fault):
         assert '[3, 3]' in msg
 
 
-def test_wrong_lora_rank_is_named(tmp_path, tiny_model):
-    sd = released_pandagpt(tiny_model)
+def test_wrong_lora_rank_is_named(tmp_path, model):
+    sd = released_pandagpt(model)
     key = 'llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight'
-    sd[key] = torch.zeros(tiny_model.cfg.llm.lora_r + 1, tiny_model.cfg.llm.hidden)
+    sd[key] = torch.zeros(model.cfg.llm.lora_r + 1, model.cfg.llm.hidden)
     torch.save(sd, tmp_path / 'delta.pt')
     with pytest.raises(CheckpointError, match='q_proj.lora_A'):
-        load_pandagpt_delta(tmp_path / 'delta.pt', tiny_model)
+        load_pandagpt_delta(tmp_path / 'delta.pt', model)
 
 
 class Payload:

@@ -1,0 +1,142 @@
+"""The device pipeline (ONNX Runtime + llama.cpp) equals the PyTorch reference pipeline on the tiny bundle."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from anomalygpt_edge.models.reference import ReferencePipeline
+from anomalygpt_edge.runtime.pipeline import Pipeline
+from anomalygpt_edge.runtime.preprocess import ImageError
+
+MAP_ATOL = 1e-4
+
+
+def textured(seed: int, defect: bool = False) -> np.ndarray:
+    """A real-looking RGB image: smoothed noise texture, optionally with a dark blob."""
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(60, 200, (240, 320, 3), dtype=np.uint8), (0, 0), 2)
+    if defect:
+        cv2.circle(img, (250, 60), 18, (20, 20, 20), -1)
+    return img
+
+
+@pytest.fixture(scope='session')
+def tiny_bundle(tmp_path_factory, tiny_model, tiny_text_tower, tiny_tokenizer_dir):
+    from anomalygpt_edge.export.bundle_export import write_bundle
+    out = tmp_path_factory.mktemp('bundle') / 'tiny'
+    return write_bundle(out, tiny_model, tiny_text_tower, tiny_tokenizer_dir, {'kind': 'random', 'seed': 0},
+                        precisions=('fp32',), quants=('f32',))
+
+
+@pytest.fixture(scope='session')
+def pipeline(tiny_bundle):
+    with Pipeline.from_bundle(tiny_bundle, verify_hashes=True, exact_llm=True, max_new_tokens=24, threads=1) as p:
+        yield p
+
+
+@pytest.fixture(scope='session')
+def reference(tiny_model, tiny_tokenizer, pipeline):
+    feats = {name: torch.from_numpy(pipeline.text_features[c['row']]) for name, c in pipeline.classes.items()}
+    return ReferencePipeline(tiny_model, tiny_tokenizer, feats, max_new_tokens=24)
+
+
+@pytest.fixture(scope='session')
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp('images')
+    paths = []
+    for i in range(5):
+        p = d / f'img{i}.png'
+        cv2.imwrite(str(p), textured(i, defect=i % 2 == 1)[..., ::-1])
+        paths.append(p)
+    return paths
+
+
+def assert_same_text(a: str, b: str) -> None:
+    """Equal answers. A random-weight model can emit byte tokens that are not valid UTF-8, which HF and
+    llama.cpp render with different replacement characters; the ids are compared exactly elsewhere."""
+    if '\ufffd' in a or '\ufffd' in b:
+        assert a.split('\ufffd')[0][:-1] == b.split('\ufffd')[0][:-1]
+    else:
+        assert a == b
+
+
+def reference_input(pipeline, path, mode=None):
+    return torch.from_numpy(pipeline.load(path, mode)[0])
+
+
+@pytest.mark.parametrize('k', [0, 1, 4])
+def test_map_and_answer_equal_the_reference(pipeline, reference, images, k):
+    refs = images[1:1 + k] if k else None
+    got = pipeline.inspect(images[0], class_name='bottle', references=refs)
+    ref_refs = torch.cat([reference_input(pipeline, r, 'center_crop') for r in refs]) if refs else None
+    want = reference.inspect(reference_input(pipeline, images[0]), class_name='bottle', references=ref_refs)
+    assert got.few_shot == bool(k)
+    assert np.abs(got.anomaly_map - want.anomaly_map).max() <= MAP_ATOL
+    assert got.score == pytest.approx(want.score, abs=MAP_ATOL)
+    assert got.answer_ids == want.answer_ids
+    assert got.verdict == want.verdict
+    assert_same_text(got.answer, want.answer)
+
+
+def test_second_frame_reuses_the_prefix_and_still_matches(pipeline, reference, images):
+    for path in images[2:4]:
+        got = pipeline.inspect(path, class_name='screw')
+        want = reference.inspect(reference_input(pipeline, path), class_name='screw')
+        assert got.answer_ids == want.answer_ids
+
+
+def test_chat_second_turn_equals_full_reprefill(pipeline, reference, images):
+    chat = pipeline.chat(images[1], class_name='bottle')
+    a1 = chat.ask()
+    a2 = chat.ask('Where is it?')
+    x = reference_input(pipeline, images[1])
+    first = reference.inspect(x, class_name='bottle')
+    assert_same_text(a1, first.answer)
+    q1 = pipeline.question('bottle', None, None)
+    second = reference.inspect(x, class_name='bottle', question='Where is it?', history=[(q1, first.answer)])
+    assert_same_text(a2, second.answer)
+
+
+def test_verdict_first_and_no_llm(pipeline, images):
+    full = pipeline.inspect(images[0], class_name='bottle')
+    quick = pipeline.inspect(images[0], class_name='bottle', verdict_first=True)
+    if full.verdict in ('yes', 'no'):
+        assert quick.verdict == full.verdict
+        assert len(quick.answer_ids) <= len(full.answer_ids)
+        assert 'time_to_verdict' in quick.timings_ms
+    bare = pipeline.inspect(images[0], class_name='bottle', llm=False)
+    assert bare.verdict is None and bare.answer is None
+    np.testing.assert_array_equal(bare.anomaly_map, full.anomaly_map)
+
+
+def test_bad_inputs_then_the_next_image_works(pipeline, images, tmp_path):
+    cases = {'zero.png': b'', 'text.png': b'hello', 'trunc.jpg': cv2.imencode('.jpg', textured(0))[1].tobytes()[:500]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError, match=name):
+            pipeline.inspect(tmp_path / name, class_name='bottle', llm=False)
+    with pytest.raises(ImageError, match='missing.png'):
+        pipeline.inspect(tmp_path / 'missing.png', llm=False)
+    gray16 = tmp_path / 'gray16.png'
+    cv2.imwrite(str(gray16), (textured(3)[..., 0].astype(np.uint16) * 257))
+    assert pipeline.inspect(gray16, class_name='bottle', llm=False).anomaly_map.shape == (224, 224)
+    assert pipeline.inspect(images[0], class_name='bottle').answer is not None
+
+
+def test_class_resolution_and_unknown_class(pipeline):
+    assert pipeline.resolve_class(None, 'This is a photo of a pipe fryum') == 'fryum'
+    assert pipeline.resolve_class(None, None) == 'object'
+    with pytest.raises(KeyError, match='unknown class'):
+        pipeline.resolve_class('spaceship', None)
+
+
+def test_memory_save_and_reload(pipeline, images, tmp_path):
+    mem = pipeline.memory(images[1:3])
+    assert mem.shape[:2] == (4, 2 * 256)
+    pipeline.save_memory(tmp_path / 'bottle.npz', mem, 'bottle')
+    loaded, cls = pipeline.load_memory(tmp_path / 'bottle.npz')
+    assert cls == 'bottle'
+    np.testing.assert_array_equal(loaded, mem)
+    a = pipeline.inspect(images[0], class_name='bottle', memory=loaded, llm=False)
+    b = pipeline.inspect(images[0], class_name='bottle', references=images[1:3], llm=False)
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
