@@ -54,3 +54,32 @@ def write_bundle(out_dir, model: AnomalyGPT, text_tower, tokenizer_dir, source: 
                                            'llama-cpp-python'),
         }
         return w.commit(manifest)
+
+
+def update_bundle_llm(bundle_dir, vicuna, pandagpt, quants=('f16',)) -> Path:
+    """Rewrite only the LLM files of an existing bundle (from Vicuna + the PandaGPT LoRA), atomically:
+    the other files are hard-linked into the new bundle, the manifest's ``llm`` section is replaced."""
+    import os
+    import types
+
+    from torch import nn
+
+    from ..models.config import ModelConfig
+    from ..models.llm import add_lora
+    from ..models.loaders import load_pandagpt_delta, load_vicuna
+    from ..runtime.bundle import MANIFEST, Bundle
+    from .llm_export import export_llm
+
+    bundle = Bundle.open(bundle_dir, verify_hashes=True)
+    cfg = ModelConfig.from_dict(bundle.manifest['model']['config'])
+    holder = types.SimpleNamespace(llama_proj=nn.Linear(cfg.vision.embed_dim, cfg.llm.hidden),
+                                   llama_model=add_lora(load_vicuna(vicuna, expected_vocab=cfg.llm.vocab), cfg.llm))
+    load_pandagpt_delta(pandagpt, holder)
+    old_llm = set((bundle.manifest.get('llm') or {}).get('files', {}).values())
+    with BundleWriter(bundle_dir, overwrite=True) as w:
+        for name in bundle.manifest['files']:
+            if name not in old_llm and name != MANIFEST:
+                os.link(bundle.root / name, w.path(name))
+        manifest = {k: v for k, v in bundle.manifest.items() if k not in ('files', 'format', 'format_version')}
+        manifest['llm'] = export_llm(holder.llama_model, vicuna, w.tmp, quants=quants)
+        return w.commit(manifest)
