@@ -1,0 +1,268 @@
+"""The device-side LLM: one llama.cpp sequence fed token segments and embedding segments in order.
+
+Built on llama-cpp-python's low-level ctypes API, because only ``llama_batch_init(n, n_embd, 1)``
+carries input embeddings (the image token and the 18 prompt-learner vectors). Positions are
+contiguous across segments; the KV cache is kept between calls, so a follow-up turn or a cached
+constant prefix (``truncate``) costs no re-prefill.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import llama_cpp_api
+
+GGUF_MAGIC = b'GGUF'
+
+
+class LlamaError(RuntimeError):
+    """A GGUF file that cannot be loaded, or a llama.cpp call that failed; the message says which."""
+
+
+class LlamaSession:
+    def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, n_batch: int = 512, exact: bool = False,
+                 repack: bool = False, verbose: bool = False):
+        """``exact``: F32 KV cache and flash attention off (parity with PyTorch to ~1e-5);
+        ``repack``: llama.cpp's CPU weight repacking (faster decode, slower prefill, ~2x peak RSS)."""
+        self.path = Path(gguf_path)
+        self._model = self._ctx = None
+        self._batches = []
+        if not self.path.is_file():
+            raise LlamaError(f"{self.path}: no such GGUF file")
+        with open(self.path, 'rb') as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise LlamaError(f"{self.path}: not a GGUF file (bad magic)")
+        llama_cpp_api.set_verbose(verbose)
+        L = self._L = llama_cpp_api.lib()
+
+        mparams = L.llama_model_default_params()
+        mparams.use_extra_bufts = bool(repack)
+        self._model = L.llama_model_load_from_file(os.fsencode(self.path), mparams)
+        if not self._model:
+            raise LlamaError(f"{self.path}: llama.cpp could not load the model (truncated, corrupt or "
+                             f"unsupported GGUF; pass verbose=True to see llama.cpp's reason)")
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = n_threads_batch or threads
+        cparams.no_perf = True
+        if exact:
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+            cparams.flash_attn_type = 0          # disabled
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise LlamaError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch})")
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self._mem = L.llama_get_memory(self._ctx)
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._n_embd = L.llama_model_n_embd(self._model)
+        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._tok_batch = self._new_batch(0)
+        self._emb_batch = self._new_batch(self._n_embd)
+        self.n_past = 0
+        self.history: list[int | None] = []
+        self._has_logits = False
+        self._embd_reader = None
+
+    # -- facts of the model -----------------------------------------------------------------
+    @property
+    def n_embd(self) -> int:
+        return self._n_embd
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def bos_id(self) -> int:
+        return self._L.llama_vocab_bos(self._vocab)
+
+    @property
+    def eos_id(self) -> int:
+        return self._L.llama_vocab_eos(self._vocab)
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of ``text`` without BOS and without parsing special-token text; the SentencePiece
+        space prefix is applied as llama.cpp applies it (to the start of the text)."""
+        data = text.encode('utf-8')
+        cap = len(data) + 8
+        for _ in range(2):
+            buf = (self._L.llama_token * cap)()
+            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, False)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+        raise LlamaError(f"llama_tokenize failed on a {len(data)}-byte text")
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ''
+        arr = (self._L.llama_token * len(ids))(*ids)
+        cap = 16 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = self._L.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode('utf-8', 'replace')
+            cap = -n
+        raise LlamaError("llama_detokenize failed")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _new_batch(self, embd: int):
+        b = self._L.llama_batch_init(self.n_batch, embd, 1)
+        self._batches.append(b)
+        return b
+
+    def _decode(self, batch, n: int) -> None:
+        b = batch
+        for i in range(n):
+            b.pos[i] = self.n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 0
+        b.logits[n - 1] = 1
+        b.n_tokens = n
+        self._has_logits = False
+        rc = self._L.llama_decode(self._ctx, b)
+        if rc != 0:
+            self._L.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)  # leave nothing half-written
+            if rc == 1:
+                raise LlamaError(f"context full: {self.n_past} positions used + {n} new > n_ctx {self.n_ctx} "
+                                 f"(open the session with a larger n_ctx, or truncate())")
+            raise LlamaError(f"llama_decode failed with code {rc} at n_past {self.n_past}")
+        self.n_past += n
+        self._has_logits = True
+
+    def eval_tokens(self, ids: Sequence[int]) -> None:
+        """Append token ids at ``n_past`` (split into ``n_batch``-sized batches)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self._n_vocab]
+        if bad:
+            raise LlamaError(f"token ids out of range [0, {self._n_vocab}): {bad[:8]}")
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            for i, t in enumerate(chunk):
+                self._tok_batch.token[i] = t
+            self._decode(self._tok_batch, len(chunk))
+            self.history.extend(chunk)
+
+    def eval_embeddings(self, embeds) -> None:
+        """Append input embeddings ``[n, n_embd]`` (float32) at ``n_past``."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if embeds.ndim == 1:
+            embeds = embeds[None]
+        if embeds.ndim != 2 or embeds.shape[1] != self._n_embd:
+            raise LlamaError(f"embeddings must be [n, {self._n_embd}], got {list(embeds.shape)}")
+        for start in range(0, len(embeds), self.n_batch):
+            chunk = embeds[start:start + self.n_batch]
+            ctypes.memmove(self._emb_batch.embd, chunk.ctypes.data, chunk.nbytes)
+            self._decode(self._emb_batch, len(chunk))
+            self.history.extend([None] * len(chunk))
+
+    def logits(self) -> np.ndarray:
+        """``[n_vocab]`` float32 copy of the logits of the last evaluated position."""
+        if not self._has_logits:
+            raise LlamaError("no logits: nothing has been evaluated since the session was opened, reset or truncated")
+        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise LlamaError("llama.cpp returned no logits for the last position")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def truncate(self, n: int) -> None:
+        """Drop KV positions >= n (keep a cached prefix of n positions)."""
+        if not 0 <= n <= self.n_past:
+            raise LlamaError(f"cannot truncate to {n}: {self.n_past} positions are in the cache")
+        if n == self.n_past:
+            return
+        if not self._L.llama_memory_seq_rm(self._mem, 0, n, -1):
+            raise LlamaError(f"llama.cpp could not remove positions >= {n} from the KV cache")
+        self.n_past = n
+        del self.history[n:]
+        self._has_logits = False
+
+    def reset(self) -> None:
+        self._L.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+        self.history = []
+        self._has_logits = False
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, max_new_tokens: int = 128, stop: Sequence[str] = ('##',),
+                 on_token: Callable[[int, str], bool | None] | None = None) -> tuple[list[int], str]:
+        """Greedy continuation of what is in the cache. Each chosen token is evaluated into the
+        cache (a follow-up turn continues from it); EOS ends generation and is neither evaluated nor
+        returned. Stops once the generated text contains a ``stop`` string, or when ``on_token(id,
+        text_so_far)`` returns True. Returns (ids, raw generated text)."""
+        ids: list[int] = []
+        text = ''
+        eos = self.eos_id
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(self.logits()))
+            if nxt == eos:
+                break
+            ids.append(nxt)
+            self.eval_tokens([nxt])
+            text = self.detokenize(ids)
+            if any(s in text for s in stop):
+                break
+            if on_token is not None and on_token(nxt, text):
+                break
+        return ids, text
+
+    # -- optional: token-embedding rows (send a whole prompt as one embedding batch) ------------
+    def token_embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows of the model's token-embedding table, ``[len(ids), n_embd]`` float32, read from the
+        same GGUF file. Needs the ``gguf`` package (not a runtime dependency) for quantized tables."""
+        if self._embd_reader is None:
+            try:
+                import gguf
+            except ImportError as e:
+                raise LlamaError("token_embeddings() needs the gguf package (pip install gguf)") from e
+            reader = gguf.GGUFReader(self.path)
+            t = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
+            if t is None:
+                raise LlamaError(f"{self.path}: no token_embd.weight tensor")
+            self._embd_reader = (t.data, t.tensor_type)
+        data, qtype = self._embd_reader
+        rows = np.asarray(data[np.asarray(ids, dtype=np.int64)])
+        if rows.dtype in (np.float32, np.float16):
+            return rows.astype(np.float32)
+        import gguf
+        return gguf.quants.dequantize(rows, qtype).astype(np.float32).reshape(len(ids), self._n_embd)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        L = getattr(self, '_L', None)
+        if L is None:
+            return
+        for b in self._batches:
+            L.llama_batch_free(b)
+        self._batches = []
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "LlamaSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,178 @@
+"""LlamaSession: batching, context limits, KV truncation, generation rules, and clear load errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anomalygpt_edge.runtime.llama_session import LlamaError, LlamaSession
+
+pytest.importorskip('llama_cpp')
+
+
+@pytest.fixture(scope='module')
+def prompt(tiny_tokenizer):
+    """Token and embedding segments, like the AnomalyGPT prompt."""
+    rng = np.random.default_rng(0)
+    ids = tiny_tokenizer.encode("### Human: <Img> Is there any anomaly in the image?", add_special_tokens=False)
+    return [1] + ids, (rng.standard_normal((9, 64)) * 0.5).astype(np.float32)
+
+
+def run(session, ids, embeds):
+    session.eval_tokens(ids)
+    session.eval_embeddings(embeds)
+    session.eval_tokens(ids[1:6])
+    return session.logits()
+
+
+def test_batches_larger_than_n_batch_are_split(tiny_gguf_f32, prompt):
+    ids, embeds = prompt
+    assert len(ids) > 4 and len(embeds) > 4
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as whole:
+        ref = run(whole, ids, embeds)
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, n_batch=4, exact=True) as small:
+        got = run(small, ids, embeds)
+        assert small.n_past == len(ids) + len(embeds) + 5
+        assert small.history == ids + [None] * len(embeds) + ids[1:6]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert np.abs(ref).max() > 0.1  # real logits, not zeros
+
+
+def test_context_overflow_raises_and_session_survives(tiny_gguf_f32):
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, n_batch=64) as s:
+        assert s.n_ctx == 256
+        s.eval_tokens([5] * 250)
+        with pytest.raises(LlamaError, match=r'context full: 250 positions used \+ 10 new > n_ctx 256'):
+            s.eval_tokens([6] * 10)
+        assert s.n_past == 250 and len(s.history) == 250
+        s.eval_tokens([6] * 6)  # exactly full
+        assert s.n_past == 256
+        with pytest.raises(LlamaError, match='n_ctx 256'):
+            s.eval_embeddings(np.zeros((1, s.n_embd), np.float32))
+        s.truncate(200)
+        s.eval_tokens([7] * 10)
+        assert s.n_past == 210 and s.logits().shape == (s.n_vocab,)
+
+
+def test_truncate_then_reeval_reproduces_logits(tiny_gguf_f32, prompt):
+    ids, embeds = prompt
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        s.eval_tokens(ids)
+        s.eval_embeddings(embeds)
+        prefix = s.n_past
+        s.eval_tokens([20, 21, 22])
+        first = s.logits()
+        s.truncate(prefix)
+        assert s.n_past == prefix and s.history == ids + [None] * len(embeds)
+        with pytest.raises(LlamaError, match='no logits'):
+            s.logits()
+        s.eval_tokens([30, 31])  # something else in between
+        s.truncate(prefix)
+        s.eval_tokens([20, 21, 22])
+        np.testing.assert_allclose(s.logits(), first, rtol=0, atol=1e-6)
+        other = s.logits()
+        s.reset()
+        assert s.n_past == 0 and s.history == []
+        s.eval_tokens(ids)
+        s.eval_embeddings(embeds)
+        s.eval_tokens([20, 21, 22])
+        np.testing.assert_allclose(s.logits(), other, rtol=0, atol=1e-6)
+        with pytest.raises(LlamaError, match='cannot truncate to 999'):
+            s.truncate(999)
+
+
+def test_generate_stops_and_keeps_the_cache(tiny_gguf_f32, prompt):
+    ids, embeds = prompt
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        run(s, ids, embeds)
+        start = s.n_past
+        free_ids, free_text = s.generate(20, stop=())
+        assert len(free_ids) == 20 and s.n_past == start + 20  # every chosen token is in the cache
+        assert s.history[start:] == free_ids
+        assert free_text == s.detokenize(free_ids)
+        texts = [s.detokenize(free_ids[:j]) for j in range(21)]
+    # a stop string ends generation at the first token after which the text contains it
+    stop = next(t[-1] for t in texts[3:] if t.strip())
+    first = next(j for j in range(1, 21) if stop in texts[j])
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        run(s, ids, embeds)
+        got, text = s.generate(20, stop=(stop,))
+        assert got == free_ids[:first] and text == texts[first]
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        run(s, ids, embeds)
+        seen = []
+        got, _ = s.generate(20, stop=(), on_token=lambda t, txt: seen.append((t, txt)) or len(seen) == 3)
+        assert got == free_ids[:3] and seen == [(free_ids[j], texts[j + 1]) for j in range(3)]
+
+
+def test_generate_stops_at_eos_without_evaluating_it(tmp_path, tiny_gguf_f32, tiny_model, tiny_tokenizer_dir, prompt):
+    from anomalygpt_edge.export.gguf_writer import LlamaHParams, load_spm_vocab, write_gguf
+    from anomalygpt_edge.export.lora_merge import iter_merged_peft, merged_shapes
+    ids, embeds = prompt
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        run(s, ids, embeds)
+        free_ids, _ = s.generate(8, stop=())
+    k = next(j for j in range(1, 8) if free_ids[j] not in free_ids[:j])
+    lm = tiny_model.llama_model
+    hp = LlamaHParams.from_hf_config(lm.get_base_model().config)
+    vocab = load_spm_vocab(tiny_tokenizer_dir, hp.n_vocab)
+    vocab.special_ids['eos'] = free_ids[k]  # same weights, but the k-th greedy token is now EOS
+    path = write_gguf(tmp_path / 'eos.gguf', 'llama', hp, vocab, merged_shapes(lm), iter_merged_peft(lm), ftype='f32')
+    with LlamaSession(path, n_ctx=256, exact=True) as s:
+        assert s.eos_id == free_ids[k]
+        run(s, ids, embeds)
+        start = s.n_past
+        got, text = s.generate(8, stop=())
+        assert got == free_ids[:k] and s.n_past == start + k and text == s.detokenize(free_ids[:k])
+
+
+def test_tokenize_roundtrip_and_facts(tiny_gguf_f32, tiny_tokenizer):
+    with LlamaSession(tiny_gguf_f32, n_ctx=256) as s:
+        assert (s.n_embd, s.n_vocab, s.bos_id, s.eos_id) == (64, len(tiny_tokenizer), 1, 2)
+        for text in ("### Human: <Img>", "Yes, there is an anomaly.\n###", "é中 12"):
+            assert s.detokenize(s.tokenize(text)) == text
+            assert s.tokenize(text) == tiny_tokenizer.encode(text, add_special_tokens=False)
+        assert s.tokenize('') == [] and s.detokenize([]) == ''
+        with pytest.raises(LlamaError, match='out of range'):
+            s.eval_tokens([s.n_vocab])
+        with pytest.raises(LlamaError, match=r'embeddings must be \[n, 64\]'):
+            s.eval_embeddings(np.zeros((2, 63), np.float32))
+        with pytest.raises(LlamaError, match='no logits'):
+            s.logits()
+
+
+def test_token_embeddings_are_the_models_rows(tiny_gguf_f32, tiny_model):
+    pytest.importorskip('gguf')
+    ids = [1, 5, 399, 400]
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        rows = s.token_embeddings(ids)
+        ref = tiny_model.llama_model.get_input_embeddings().weight[ids].detach().numpy()
+        np.testing.assert_array_equal(rows, ref)
+        s.eval_embeddings(rows)
+        by_embedding = s.logits()
+        s.reset()
+        s.eval_tokens(ids)
+        np.testing.assert_allclose(by_embedding, s.logits(), rtol=0, atol=1e-5)
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path, tiny_gguf_f32):
+    with pytest.raises(LlamaError, match='nothing.gguf: no such GGUF file'):
+        LlamaSession(tmp_path / 'nothing.gguf')
+    (tmp_path / 'text.gguf').write_text('not a model')
+    with pytest.raises(LlamaError, match='text.gguf: not a GGUF file'):
+        LlamaSession(tmp_path / 'text.gguf')
+    data = tiny_gguf_f32.read_bytes()
+    (tmp_path / 'half.gguf').write_bytes(data[: len(data) // 2])
+    with pytest.raises(LlamaError, match='half.gguf: llama.cpp could not load the model'):
+        LlamaSession(tmp_path / 'half.gguf')
+    (tmp_path / 'header.gguf').write_bytes(data[:64])
+    with pytest.raises(LlamaError, match='header.gguf'):
+        LlamaSession(tmp_path / 'header.gguf')
+
+
+def test_session_module_is_torch_free():
+    code = ("import sys, anomalygpt_edge.runtime.llama_session as m; "
+            "bad = [n for n in ('torch', 'transformers', 'anomalygpt_edge.models', 'anomalygpt_edge.export') "
+            "if n in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
