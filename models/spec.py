@@ -101,3 +101,18 @@ def question_for(class_name: str) -> str:
     """The benchmark question: the class description, a space, then QUESTION."""
     desc = DESCRIPTIONS.get(class_name.replace('_', ' '), DESCRIPTIONS.get(class_name))
     return f"{desc} {QUESTION}" if desc else QUESTION
+
+
+# Procedural demo categories (models/synthetic.py): the real MVTec images never reach these machines,
+# so the small demo model is trained on these, described in the style of the MVTec `describles`.
+SYNTHETIC_DESCRIPTIONS = {
+    'woven_fabric': "This is a photo of woven fabric for anomaly detection, which should be beige with a "
+                    "regular weave, " + _PLAIN,
+    'brushed_metal': "This is a photo of brushed metal for anomaly detection, which should be grey with fine "
+                     "parallel lines, " + _PLAIN,
+    'wood_grain': "This is a photo of wood grain for anomaly detection, which should be brown with patterns, "
+                  + _PLAIN,
+    'ceramic_tiles': "This is a photo of ceramic tiles for anomaly detection, which should be white with straight "
+                     "grout lines, " + _PLAIN,
+    'washer': "This is a photo of a metal washer for anomaly detection, which should be round, " + _PLAIN,
+}

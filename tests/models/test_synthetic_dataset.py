@@ -1,0 +1,130 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from anomalygpt_edge.models import anomaly_sim, spec
+from anomalygpt_edge.models.anomaly_sim import SimParams
+from anomalygpt_edge.models.synthetic import normal_image
+from anomalygpt_edge.models.synthetic_dataset import (SyntheticAnomalyDataset, collate_pairs, defect_sample,
+                                                      layout_seed, to_clip_tensor, write_mvtec_layout)
+
+MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
+STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
+
+
+def _to_uint8(t):
+    return (t * STD + MEAN).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def test_item_is_a_reference_style_pair():
+    ds = SyntheticAnomalyDataset(12, seed=3)
+    it = ds[7]
+    dest, sim = ds.simulated(7)
+    assert it['images'].shape == (2, 3, 224, 224) and it['images'].dtype == torch.float32
+    assert it['masks'].shape == (2, 1, 224, 224)
+    assert np.array_equal(_to_uint8(it['images'][0]), dest)
+    assert np.array_equal(_to_uint8(it['images'][1]), sim.image)
+    assert not it['masks'][0].any()
+    assert torch.equal(it['masks'][1][0], torch.from_numpy(sim.mask > 0.3).float())
+    assert set(it['masks'][1].unique().tolist()) <= {0.0, 1.0}
+    q = spec.SYNTHETIC_DESCRIPTIONS[ds.category_of(7)] + ' ' + spec.QUESTION
+    assert it['questions'] == [q, q]
+    assert it['answers'] == [spec.ANSWER_NORMAL, sim.answer]
+    assert it['category'] == ds.categories[7 % len(ds.categories)]
+
+
+def test_deterministic_per_index_and_seed():
+    a, b, c = SyntheticAnomalyDataset(10, seed=1), SyntheticAnomalyDataset(10, seed=1), SyntheticAnomalyDataset(10, seed=2)
+    for i in (0, 4):
+        x, y, z = a[i], b[i], c[i]
+        assert torch.equal(x['images'], y['images']) and x['answers'] == y['answers']
+        assert not torch.equal(x['images'][0], z['images'][0])
+
+
+def test_cached_normals_give_the_same_items():
+    plain, cached = SyntheticAnomalyDataset(8, seed=4), SyntheticAnomalyDataset(8, seed=4, cache_normals=True)
+    for _ in range(2):   # second pass reads the cache
+        for i in (1, 6):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a['images'], b['images']) and torch.equal(a['masks'], b['masks'])
+            assert a['answers'] == b['answers']
+
+
+def test_epochs_resimulate_but_keep_the_normal_images():
+    ds = SyntheticAnomalyDataset(10, seed=1)
+    first = ds[2]
+    ds.set_epoch(1)
+    second = ds[2]
+    assert torch.equal(first['images'][0], second['images'][0])
+    assert not torch.equal(first['images'][1], second['images'][1])
+
+
+def test_no_patch_means_both_items_are_normal(monkeypatch):
+    monkeypatch.setitem(anomaly_sim.SIM_PARAMS, 'woven_fabric', SimParams(min_mask_px=10 ** 9))
+    ds = SyntheticAnomalyDataset(4, seed=0, categories=['woven_fabric'])
+    it = ds[1]
+    assert it['answers'] == [spec.ANSWER_NORMAL, spec.ANSWER_NORMAL]
+    assert torch.equal(it['images'][0], it['images'][1]) and not it['masks'].any()
+
+
+def test_collate_flattens_pairs_in_order():
+    ds = SyntheticAnomalyDataset(6, seed=0)
+    items = [ds[0], ds[1]]
+    batch = collate_pairs(items)
+    assert batch['images'].shape == (4, 3, 224, 224) and batch['masks'].shape == (4, 1, 224, 224)
+    assert torch.equal(batch['images'][2], items[1]['images'][0])
+    assert batch['answers'] == items[0]['answers'] + items[1]['answers']
+    assert batch['categories'] == [items[0]['category']] * 2 + [items[1]['category']] * 2
+
+
+def test_clip_normalisation():
+    img = np.zeros((224, 224, 3), np.uint8)
+    img[..., 0] = 255
+    t = to_clip_tensor(img)
+    assert t[0, 0, 0] == pytest.approx((1 - spec.CLIP_MEAN[0]) / spec.CLIP_STD[0])
+    assert t[2, 5, 5] == pytest.approx(-spec.CLIP_MEAN[2] / spec.CLIP_STD[2])
+
+
+def test_bad_dataset_args():
+    with pytest.raises(ValueError):
+        SyntheticAnomalyDataset(1)
+    with pytest.raises(KeyError):
+        SyntheticAnomalyDataset(4, categories=['carpet'])
+    with pytest.raises(IndexError):
+        SyntheticAnomalyDataset(4)[4]
+
+
+def _read(path):
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert img is not None, path
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if img.ndim == 3 else img
+
+
+def test_mvtec_layout(tmp_path):
+    cats, kinds = ['wood_grain', 'washer'], ('scratch', 'hole')
+    summary = write_mvtec_layout(tmp_path, cats, n_train_good=3, n_test_good=2, n_test_defect=2, seed=5,
+                                 defect_kinds=kinds)
+    assert summary == {c: {'train/good': 3, 'test/good': 2, 'test/scratch': 2, 'test/hole': 2} for c in cats}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cats)
+    assert not [p for p in tmp_path.rglob('*') if p.name.startswith('.')]   # no temporary files left
+    for c in cats:
+        assert sorted(p.name for p in (tmp_path / c / 'train' / 'good').iterdir()) == ['000.png', '001.png', '002.png']
+        assert len(list((tmp_path / c / 'test' / 'good').iterdir())) == 2
+        assert sorted(p.name for p in (tmp_path / c / 'test').iterdir()) == sorted(['good', *kinds])
+        goods = [_read(p) for p in sorted((tmp_path / c / 'train' / 'good').iterdir())]
+        assert np.array_equal(goods[1], normal_image(c, layout_seed(5, c, 'train/good', 1)))
+        assert not np.array_equal(goods[0], goods[1])
+        for kind in kinds:
+            assert sorted(p.name for p in (tmp_path / c / 'ground_truth' / kind).iterdir()) == \
+                ['000_mask.png', '001_mask.png']
+            for i in range(2):
+                img = _read(tmp_path / c / 'test' / kind / f'{i:03d}.png')
+                mask = _read(tmp_path / c / 'ground_truth' / kind / f'{i:03d}_mask.png')
+                normal, res = defect_sample(c, kind, layout_seed(5, c, kind, i))
+                assert img.shape == (224, 224, 3) and mask.shape == (224, 224) and mask.dtype == np.uint8
+                assert set(np.unique(mask)) == {0, 255}
+                assert np.array_equal(img, res.image) and np.array_equal(mask > 0, res.mask > 0)
+                changed = np.abs(img.astype(int) - normal).max(-1) > 10
+                near = cv2.dilate(mask, np.ones((7, 7), np.uint8)) > 0
+                assert changed.any() and (changed & near).sum() / changed.sum() > 0.95
