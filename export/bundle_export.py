@@ -28,9 +28,16 @@ def class_table(extra: dict[str, str] | None = None) -> dict[str, str | None]:
 
 def write_bundle(out_dir, model: AnomalyGPT, text_tower, tokenizer_dir, source: dict, *,
                  precisions=('fp32',), quants=('f16',), opset: int = 17, extra_classes=None,
-                 overwrite: bool = False, external_data_threshold: int | None = None, verify: bool = True) -> Path:
+                 overwrite: bool = False, external_data_threshold: int | None = None, verify: bool = True,
+                 llm_exporter=None) -> Path:
+    """``llm_exporter(out_dir, quants=...) -> manifest llm section``; by default the model's own
+    (PEFT-wrapped) LLM is merged and written with the tokenizer in ``tokenizer_dir``."""
     from .llm_export import export_llm
     from .onnx_export import export_vision
+
+    if llm_exporter is None:
+        def llm_exporter(out, quants):
+            return export_llm(model.llama_model, tokenizer_dir, out, quants=quants)
 
     classes = class_table(extra_classes)
     with BundleWriter(out_dir, overwrite=overwrite) as w:
@@ -40,7 +47,7 @@ def write_bundle(out_dir, model: AnomalyGPT, text_tower, tokenizer_dir, source: 
         np.save(w.path('text_features.npy'), table)
         kwargs = {} if external_data_threshold is None else {'external_data_threshold': external_data_threshold}
         components = export_vision(model, w.tmp, precisions=precisions, opset=opset, verify=verify, **kwargs)
-        llm = export_llm(model.llama_model, tokenizer_dir, w.tmp, quants=quants) if quants else None
+        llm = llm_exporter(w.tmp, quants=quants) if quants else None
         manifest = {
             'model': {'config': model.cfg.to_dict(), 'source': source},
             'preprocess': preprocess_manifest(),
@@ -57,29 +64,21 @@ def write_bundle(out_dir, model: AnomalyGPT, text_tower, tokenizer_dir, source: 
 
 
 def update_bundle_llm(bundle_dir, vicuna, pandagpt, quants=('f16',)) -> Path:
-    """Rewrite only the LLM files of an existing bundle (from Vicuna + the PandaGPT LoRA), atomically:
-    the other files are hard-linked into the new bundle, the manifest's ``llm`` section is replaced."""
+    """Rewrite only the LLM files of an existing bundle (Vicuna + the PandaGPT LoRA, streamed), atomically:
+    the other files are hard-linked into the new bundle and the manifest's ``llm`` section is replaced."""
     import os
-    import types
-
-    from torch import nn
 
     from ..models.config import ModelConfig
-    from ..models.llm import add_lora
-    from ..models.loaders import load_pandagpt_delta, load_vicuna
     from ..runtime.bundle import MANIFEST, Bundle
-    from .llm_export import export_llm
+    from .released import released_llm_exporter
 
     bundle = Bundle.open(bundle_dir, verify_hashes=True)
     cfg = ModelConfig.from_dict(bundle.manifest['model']['config'])
-    holder = types.SimpleNamespace(llama_proj=nn.Linear(cfg.vision.embed_dim, cfg.llm.hidden),
-                                   llama_model=add_lora(load_vicuna(vicuna, expected_vocab=cfg.llm.vocab), cfg.llm))
-    load_pandagpt_delta(pandagpt, holder)
     old_llm = set((bundle.manifest.get('llm') or {}).get('files', {}).values())
     with BundleWriter(bundle_dir, overwrite=True) as w:
         for name in bundle.manifest['files']:
             if name not in old_llm and name != MANIFEST:
                 os.link(bundle.root / name, w.path(name))
         manifest = {k: v for k, v in bundle.manifest.items() if k not in ('files', 'format', 'format_version')}
-        manifest['llm'] = export_llm(holder.llama_model, vicuna, w.tmp, quants=quants)
+        manifest['llm'] = released_llm_exporter(vicuna, pandagpt, cfg)(w.tmp, quants=quants)
         return w.commit(manifest)

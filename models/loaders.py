@@ -110,6 +110,14 @@ def pandagpt_expected(model) -> dict[str, tuple]:
     return {**_shapes(model.llama_proj, 'llama_proj.'), **lora}
 
 
+def load_llama_proj(path, llama_proj) -> None:
+    """Only ``llama_proj`` from the PandaGPT delta (the LoRA is merged into the GGUF by streaming)."""
+    state = read_state_dict(path)
+    proj = {k: v for k, v in state.items() if k.startswith('llama_proj.')}
+    check_keys(path, proj, _shapes(llama_proj, 'llama_proj.'), 'PandaGPT delta (llama_proj)')
+    llama_proj.load_state_dict({k[len('llama_proj.'):]: v for k, v in proj.items()})
+
+
 def load_pandagpt_delta(path, model) -> None:
     """PandaGPT delta: ``llama_proj`` + 4 x 2 x n_layers LoRA tensors into a PEFT-wrapped LLaMA."""
     state = {normalise_lora_key(k): v for k, v in read_state_dict(path).items()}
