@@ -62,23 +62,19 @@ def _schedule(opt, step: int, total: int, base_lr: float) -> None:
         g['lr'] = base_lr * scale
 
 
-def _batches(dataset, batch: int, seed: int, start: int = 0):
-    """Endless deterministic batches; the dataset yields normal/simulated pairs as the reference does."""
+def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
+    """Endless deterministic batches of ``batch`` images: batch/2 (normal, simulated) pairs, as the
+    reference's collate; each epoch re-simulates the anomalies on the same normal images."""
     from torch.utils.data import DataLoader
-    epoch = start * batch // len(dataset)
+    from .synthetic_dataset import collate_pairs
+    pairs = max(1, batch // 2)
+    epoch = start * pairs // len(dataset)
     while True:
+        dataset.set_epoch(epoch)
         g = torch.Generator().manual_seed(seed + epoch)
-        yield from DataLoader(dataset, batch_size=batch, shuffle=True, generator=g, drop_last=True,
-                              collate_fn=_collate)
+        yield from DataLoader(dataset, batch_size=pairs, shuffle=True, generator=g, drop_last=True,
+                              collate_fn=collate_pairs, num_workers=workers)
         epoch += 1
-
-
-def _collate(items):
-    out = {}
-    for k in items[0]:
-        vals = [it[k] for it in items]
-        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
-    return out
 
 
 def _progress(total: int, desc: str, initial: int):
@@ -103,10 +99,10 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
     for step in range(start, s.vision_steps):
         b = next(batches)
         _schedule(opt, step, s.vision_steps, s.lr_vision)
-        feats = {c: class_text_features(text, c) for c in set(b['category'])}
-        tf = torch.stack([feats[c] for c in b['category']])
-        _, taps = model.visual_encoder(b['image'])
-        loss = pixel_loss(layer_logits(model.image_decoder, taps, tf), b['mask'])
+        feats = {c: class_text_features(text, c) for c in set(b['categories'])}
+        tf = torch.stack([feats[c] for c in b['categories']])
+        _, taps = model.visual_encoder(b['images'])
+        loss = pixel_loss(layer_logits(model.image_decoder, taps, tf), b['masks'])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -170,12 +166,12 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
         b = next(batches)
         _schedule(opt, step, s.lm_steps, s.lr_lm)
         with torch.no_grad():
-            emb, taps = model.visual_encoder(b['image'])
-            tf = torch.stack([feats[c] for c in b['category']])
+            emb, taps = model.visual_encoder(b['images'])
+            tf = torch.stack([feats[c] for c in b['categories']])
             amap = model.anomaly_map(taps, tf)
         token = model.image_token(emb)
         prompts = model.prompt_learner(amap)
-        x, mask, y = lm_batch(model, tokenizer, token, prompts, b['question'], b['answer'])
+        x, mask, y = lm_batch(model, tokenizer, token, prompts, b['questions'], b['answers'])
         loss = lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,13 +201,12 @@ def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[Anomal
 
 def demo_corpus(categories) -> list[str]:
     from .tokenizer import reference_corpus
-    extra = [categories[c].description + ' ' + spec.QUESTION for c in categories]
-    return reference_corpus() + extra * 4
+    return reference_corpus() + [categories[c].question for c in categories] * 4
 
 
 def main(argv=None) -> int:
     from .synthetic import CATEGORIES
-    from .synthetic_dataset import SimulatedAnomalyDataset
+    from .synthetic_dataset import SyntheticAnomalyDataset
     from .tokenizer import load_tokenizer, train_sentencepiece
     ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.models.train', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,7 +229,7 @@ def main(argv=None) -> int:
         train_sentencepiece(tok_dir, demo_corpus(CATEGORIES), vocab_size=600)
     tokenizer = load_tokenizer(tok_dir)
     model, text = build_small(tok_dir, s.seed, args.config)
-    dataset = SimulatedAnomalyDataset(categories=list(CATEGORIES), n=args.samples, seed=s.seed)
+    dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True)
     t0 = time.time()
     train_vision(model, text, dataset, s, work / 'vision.pt')
     log.info("vision stage done in %.1f min", (time.time() - t0) / 60)
@@ -246,7 +241,7 @@ def main(argv=None) -> int:
     os.replace(work / 'final.pt.partial', work / 'final.pt')
     if args.bundle:
         from ..export.bundle_export import write_bundle
-        extra = {c: CATEGORIES[c].description for c in CATEGORIES}
+        extra = spec.SYNTHETIC_DESCRIPTIONS
         write_bundle(args.bundle, model, text, tok_dir,
                      {'kind': 'trained', 'recipe': 'models/train.py', 'seed': s.seed,
                       'settings': dataclasses.asdict(s), 'samples': args.samples},
