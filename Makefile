@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: this pin takes the CPU build from the machine's disk; a bare `torch` pulls CUDA
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[export,dev]'
+	$(PY) -m pip install -e '.[export,dev,serve]'
 	# only the CLIP BPE vocabulary file is used; its dependencies (torchvision) would replace torch
 	$(PY) -m pip install --no-deps $(OPEN_CLIP)
 	touch $@

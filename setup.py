@@ -35,7 +35,8 @@ setup(
                    'onnxscript>=0.5', 'gguf>=0.17', 'ftfy>=6.1', 'regex', 'pillow', 'tqdm'],
         'tensorrt': ['tensorrt', 'pycuda'],  # on Jetson these come with JetPack
         'gpu': ['onnxruntime-gpu'],          # replaces onnxruntime: uninstall it first
-        'dev': ['pytest>=8', 'scikit-learn>=1.3', 'matplotlib>=3.7', 'tqdm'],
+        'serve': ['fastapi', 'uvicorn', 'python-multipart'],  # `anomalygpt-edge serve`
+        'dev': ['pytest>=8', 'scikit-learn>=1.3', 'matplotlib>=3.7', 'tqdm', 'httpx', 'psutil'],
     },
     entry_points={'console_scripts': ['anomalygpt-edge = anomalygpt_edge.cli:main']},
 )

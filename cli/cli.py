@@ -15,6 +15,8 @@ from . import __version__
 SUBCOMMANDS = {
     'inspect': ('anomalygpt_edge.runtime.cmd_inspect', 'inspect images with a bundle: verdict, answer, map, location'),
     'chat': ('anomalygpt_edge.runtime.cmd_chat', 'multi-turn chat about one image'),
+    'watch': ('anomalygpt_edge.runtime.cmd_watch', 'inspect frames from a camera, video, stream or folder; JSON lines'),
+    'serve': ('anomalygpt_edge.runtime.cmd_serve', 'local HTTP service: POST /inspect, GET /health, GET /metrics'),
     'export': ('anomalygpt_edge.export.cmd_export', 'build a bundle (ONNX + GGUF) from checkpoints or a tiny random model'),
     'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
 }
