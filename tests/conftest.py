@@ -39,3 +39,12 @@ def tiny_text_tower(tiny_config):
     tower = TextTower(tiny_config.text)
     init_random(tower, seed=3)
     return tower.eval()
+
+
+@pytest.fixture(scope='session')
+def tiny_bundle(tmp_path_factory, tiny_model, tiny_text_tower, tiny_tokenizer_dir):
+    """The tiny model exported (fp32 graphs, f32 GGUF): the runtime answers exactly as the reference."""
+    from anomalygpt_edge.export.bundle_export import write_bundle
+    out = tmp_path_factory.mktemp('bundle') / 'tiny'
+    return write_bundle(out, tiny_model, tiny_text_tower, tiny_tokenizer_dir, {'kind': 'random', 'seed': 0},
+                        precisions=('fp32',), quants=('f32',))

@@ -21,14 +21,6 @@ def textured(seed: int, defect: bool = False) -> np.ndarray:
 
 
 @pytest.fixture(scope='session')
-def tiny_bundle(tmp_path_factory, tiny_model, tiny_text_tower, tiny_tokenizer_dir):
-    from anomalygpt_edge.export.bundle_export import write_bundle
-    out = tmp_path_factory.mktemp('bundle') / 'tiny'
-    return write_bundle(out, tiny_model, tiny_text_tower, tiny_tokenizer_dir, {'kind': 'random', 'seed': 0},
-                        precisions=('fp32',), quants=('f32',))
-
-
-@pytest.fixture(scope='session')
 def pipeline(tiny_bundle):
     with Pipeline.from_bundle(tiny_bundle, verify_hashes=True, exact_llm=True, max_new_tokens=24, threads=1) as p:
         yield p

@@ -1,0 +1,163 @@
+"""Accuracy of a bundle on MVTec-AD / VisA style folders, through the device runtime.
+
+  <root>/<class>/test/good/*.png                  normal test images
+  <root>/<class>/test/<defect>/*.png              anomalous test images
+  <root>/<class>/ground_truth/<defect>/<stem>_mask.png
+  <root>/<class>/train/good/*.png                 normal images (k-shot references)
+
+Per class and mean: image AUROC (max of the map), pixel AUROC, Yes/No accuracy with the
+reference's rule, and the accuracy of the position word on single-defect images.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..runtime.answers import position_word
+from .metrics import answer_positions, image_auroc, mean_or_none, pixel_auroc, reference_correct
+
+IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+@dataclass
+class Sample:
+    path: Path
+    anomalous: bool
+    mask: Path | None = None
+
+
+@dataclass
+class ClassReport:
+    name: str
+    n_images: int = 0
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    yes_no_accuracy: float | None = None
+    location_accuracy: float | None = None
+    n_single_defect: int = 0
+    seconds: float = 0.0
+    answers: list = field(default_factory=list, repr=False)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT) if folder.is_dir() else []
+
+
+def discover(root, classes=None) -> dict[str, list[Sample]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dataset directory")
+    out = {}
+    for cdir in sorted(p for p in root.iterdir() if p.is_dir() and (p / 'test').is_dir()):
+        if classes and cdir.name not in classes:
+            continue
+        samples = []
+        for ddir in sorted(p for p in (cdir / 'test').iterdir() if p.is_dir()):
+            good = ddir.name == 'good'
+            for img in _images(ddir):
+                mask = None if good else cdir / 'ground_truth' / ddir.name / f"{img.stem}_mask.png"
+                samples.append(Sample(img, not good, mask if mask is not None and mask.is_file() else None))
+        out[cdir.name] = samples
+    if not out:
+        raise FileNotFoundError(f"{root}: no <class>/test folders found (MVTec-AD layout expected)")
+    return out
+
+
+def reference_shots(root, class_name: str, k: int) -> list[Path]:
+    """The reference's choice of normal images: train/good index round*4 + j (round 3), wrapped."""
+    train = _images(Path(root) / class_name / 'train' / 'good')
+    if len(train) < k:
+        raise FileNotFoundError(f"{Path(root) / class_name / 'train' / 'good'}: {len(train)} images, {k} needed")
+    return [train[(3 * 4 + j) % len(train)] for j in range(k)]
+
+
+def _mask(path: Path | None, size: int = 224) -> np.ndarray:
+    if path is None:
+        return np.zeros((size, size), np.uint8)
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise ValueError(f"{path}: not a readable mask")
+    return (cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0.1 * 255).astype(np.uint8)
+
+
+def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm: bool = True,
+             progress: bool = True) -> dict:
+    """Run the pipeline over the dataset. ``class_map``: folder name -> bundle class (default: the
+    folder name with '_' as ' ')."""
+    words = pipeline.prompt['location_words']
+    reports = []
+    found = discover(root, classes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(v) for v in found.values()), desc='evaluate', unit='img', file=sys.stderr)
+    for name, samples in found.items():
+        t0 = time.perf_counter()
+        cls = (class_map or {}).get(name, name.replace('_', ' '))
+        memory = pipeline.memory(reference_shots(root, name, k_shot)) if k_shot else None
+        scores, labels, maps, masks, correct, loc_ok = [], [], [], [], [], []
+        rep = ClassReport(name)
+        for s in samples:
+            res = pipeline.inspect(s.path, class_name=cls, memory=memory, llm=llm)
+            gt = _mask(s.mask)
+            scores.append(res.score)
+            labels.append(int(s.anomalous))
+            maps.append(res.anomaly_map)
+            masks.append(gt)
+            if llm:
+                correct.append(reference_correct(res.answer, s.anomalous))
+                n_regions, _ = cv2.connectedComponents(gt)
+                if s.anomalous and n_regions == 2:  # one defect region
+                    ys, xs = np.nonzero(gt)
+                    want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], words)
+                    loc_ok.append(answer_positions(res.answer, words) == [want])
+                rep.answers.append({'image': str(s.path), 'answer': res.answer, 'verdict': res.verdict,
+                                    'score': res.score, 'anomalous': s.anomalous})
+            if bar is not None:
+                bar.update(1)
+        rep.n_images = len(samples)
+        rep.image_auroc = image_auroc(scores, labels)
+        rep.pixel_auroc = pixel_auroc(maps, masks)
+        rep.yes_no_accuracy = float(np.mean(correct)) if correct else None
+        rep.location_accuracy = float(np.mean(loc_ok)) if loc_ok else None
+        rep.n_single_defect = len(loc_ok)
+        rep.seconds = time.perf_counter() - t0
+        reports.append(rep)
+    if bar is not None:
+        bar.close()
+    keys = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy')
+    return {
+        'k_shot': k_shot,
+        'classes': {r.name: {k: getattr(r, k) for k in ('n_images', 'n_single_defect', 'seconds') + keys}
+                    for r in reports},
+        'mean': {k: mean_or_none(getattr(r, k) for r in reports) for k in keys},
+        'answers': {r.name: r.answers for r in reports},
+    }
+
+
+def markdown(report: dict) -> str:
+    rows = ['| class | images | image AUROC | pixel AUROC | Yes/No acc. | location acc. |', '|---|---|---|---|---|---|']
+
+    def f(v):
+        return '-' if v is None else f"{v:.3f}"
+    for name, r in report['classes'].items():
+        rows.append(f"| {name} | {r['n_images']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
+                    f"{f(r['yes_no_accuracy'])} | {f(r['location_accuracy'])} |")
+    m = report['mean']
+    rows.append(f"| **mean** | | {f(m['image_auroc'])} | {f(m['pixel_auroc'])} | {f(m['yes_no_accuracy'])} | "
+                f"{f(m['location_accuracy'])} |")
+    return '\n'.join(rows)
+
+
+def write_json(path, report: dict) -> None:
+    import os
+    path = Path(path)
+    tmp = path.with_name(path.name + '.partial')
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)

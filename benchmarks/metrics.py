@@ -1,0 +1,45 @@
+"""Accuracy metrics of the AnomalyGPT evaluation (spec section 8), computed with scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def image_auroc(scores, labels) -> float | None:
+    """AUROC of the image score (max of the map) against 0/1 labels; None when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+def pixel_auroc(maps, masks) -> float | None:
+    """AUROC over all pixels of all images: maps [N,H,W] in any range, masks [N,H,W] 0/1."""
+    from sklearn.metrics import roc_auc_score
+    y = np.concatenate([np.asarray(m).ravel() > 0 for m in masks]).astype(np.uint8)
+    if y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])))
+
+
+def reference_correct(answer: str | None, anomalous: bool) -> bool:
+    """The reference evaluation's rule: 'Yes' in the answer for anomalous images, 'No' for good ones."""
+    return bool(answer) and (('Yes' in answer) if anomalous else ('No' in answer))
+
+
+def answer_positions(answer: str | None, words) -> list[str]:
+    """The 3x3 position words named in an answer, longest match first ('top left' before 'top')."""
+    if not answer:
+        return []
+    flat = sorted({w for row in words for w in row}, key=len, reverse=True)
+    found, text = [], answer
+    for w in flat:
+        if f"the {w} " in text or f"the {w}," in text or f" {w} of" in text or f"and {w} " in text:
+            found.append(w)
+            text = text.replace(w, ' ')
+    return found
+
+
+def mean_or_none(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None

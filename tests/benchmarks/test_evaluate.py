@@ -1,0 +1,40 @@
+"""The evaluation over an MVTec-layout folder: discovery, the reference's shot choice, the report."""
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from anomalygpt_edge.benchmarks.evaluate import discover, evaluate, markdown, reference_shots
+from anomalygpt_edge.models.synthetic_dataset import write_mvtec_layout
+from anomalygpt_edge.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp('mvtec')
+    write_mvtec_layout(root, categories=['woven_fabric'], n_train_good=14, n_test_good=3, n_test_defect=2,
+                       seed=3, defect_kinds=('scratch', 'stain'))
+    return root
+
+
+def test_discover_and_reference_shots(dataset):
+    found = discover(dataset)
+    samples = found['woven_fabric']
+    assert len(samples) == 3 + 4
+    assert sum(s.anomalous for s in samples) == 4
+    assert all(s.mask is not None and s.mask.name.endswith('_mask.png') for s in samples if s.anomalous)
+    assert [p.name for p in reference_shots(dataset, 'woven_fabric', 2)] == ['012.png', '013.png']
+    with pytest.raises(FileNotFoundError, match='no such dataset'):
+        discover(dataset / 'nope')
+
+
+def test_report_matches_sklearn_on_the_collected_scores(dataset, tiny_bundle):
+    with Pipeline.from_bundle(tiny_bundle, max_new_tokens=8, threads=1) as pipe:
+        report = evaluate(pipe, dataset, class_map={'woven_fabric': 'carpet'}, progress=False)
+        scores = [pipe.inspect(s.path, class_name='carpet', llm=False).score for s in discover(dataset)['woven_fabric']]
+    r = report['classes']['woven_fabric']
+    assert r['n_images'] == 7 and r['n_single_defect'] <= 4
+    labels = [int(s.anomalous) for s in discover(dataset)['woven_fabric']]
+    assert r['image_auroc'] == pytest.approx(roc_auc_score(labels, scores))
+    assert 0.0 <= r['pixel_auroc'] <= 1.0
+    assert r['yes_no_accuracy'] is not None and len(report['answers']['woven_fabric']) == 7
+    assert report['mean']['image_auroc'] == r['image_auroc']
+    assert '| woven_fabric | 7 |' in markdown(report)
