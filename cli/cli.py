@@ -24,7 +24,7 @@ SUBCOMMANDS = {
 
 # packages a subcommand may need that a runtime-only install lacks
 OPTIONAL = {'torch', 'transformers', 'peft', 'onnx', 'onnxscript', 'gguf', 'sentencepiece', 'tensorrt', 'pycuda',
-            'sklearn', 'matplotlib', 'PIL', 'ftfy', 'regex'}
+            'sklearn', 'matplotlib', 'PIL', 'ftfy', 'regex', 'fastapi', 'uvicorn', 'multipart', 'tqdm'}
 
 EXIT_CODES = """exit codes:
   0  success

@@ -15,10 +15,27 @@ import numpy as np
 
 RESIZE_MODES = ('squash', 'center_crop')
 MIN_SIDE = 16
+MAX_PIXELS = 100_000_000  # 100 MP: a line camera's frame is far smaller; a decompression bomb is larger
 
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the problem."""
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or a JPEG SOF header, without decoding the pixels."""
+    if data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) >= 24:
+        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    if data[:2] == b'\xff\xd8':
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], 'big')
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                return int.from_bytes(data[i + 7:i + 9], 'big'), int.from_bytes(data[i + 5:i + 7], 'big')
+            i += 2 + length
+    return None
 
 
 def _truncated(data: bytes) -> str | None:
@@ -37,6 +54,10 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     problem = _truncated(data)
     if problem:
         raise ImageError(f"{name}: {problem}")
+    declared = _declared_size(data)
+    if declared and declared[0] * declared[1] > MAX_PIXELS:
+        raise ImageError(f"{name}: declares {declared[0]}x{declared[1]} pixels, over the {MAX_PIXELS // 10**6} MP "
+                         "limit (refused before decoding)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{name}: not a decodable image (corrupt, or not an image format OpenCV reads)")

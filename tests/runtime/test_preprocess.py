@@ -84,3 +84,17 @@ def test_close_to_the_reference_pillow_resize():
     ours = resize(img, 224, 'squash').astype(np.float32)
     ref = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC), np.float32)
     assert np.abs(ours - ref).mean() < 1.5  # of 255
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    import struct
+    import zlib
+    png = bytearray(cv2.imencode('.png', gradient())[1].tobytes())
+    png[16:24] = struct.pack('>II', 30000, 30000)  # claim 900 MP in the header
+    png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
+    (tmp_path / 'bomb.png').write_bytes(bytes(png))
+    with pytest.raises(ImageError, match='bomb.png: declares 30000x30000 pixels'):
+        load_image(tmp_path / 'bomb.png')
+    jpg = cv2.imencode('.jpg', gradient(70, 90))[1].tobytes()
+    from anomalygpt_edge.runtime.preprocess import _declared_size
+    assert _declared_size(jpg) == (90, 70)
