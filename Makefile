@@ -1,5 +1,7 @@
 # `make test`: create .venv, install everything (training side + runtime + dev), run the tests.
-# `make demo`: install the runtime only (no torch) in .venv-runtime and inspect the sample images.
+# `make demo`: install the runtime only (no torch) in .venv-runtime and inspect the shipped samples
+#              with the shipped demo model; heatmap overlays go to demo-out/.
+# `make demo-model`: retrain the demo model (about 30 min on 2 cores), re-export and re-measure it.
 PYTHON ?= python3
 VENV ?= .venv
 RUNTIME_VENV ?= .venv-runtime
@@ -7,7 +9,10 @@ PY := $(VENV)/bin/python
 RPY := $(RUNTIME_VENV)/bin/python
 OPEN_CLIP := open_clip_torch==3.3.0
 
-.PHONY: test demo install install-runtime clean
+DEMO := runtime/demo
+DEMO_CLASSES := woven_fabric brushed_metal wood_grain ceramic_tiles washer
+
+.PHONY: test demo demo-model install install-runtime clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
@@ -31,7 +36,17 @@ test: install
 	$(PY) -m pytest -q --import-mode=importlib tests
 
 demo: install-runtime
-	$(RPY) -m anomalygpt_edge inspect --bundle demo/bundle demo/samples/*.png --save-maps demo/out
+	@test -f $(DEMO)/bundle/manifest.json || { echo "no demo bundle in $(DEMO)/bundle (make demo-model builds one)"; exit 2; }
+	@for c in $(DEMO_CLASSES); do \
+	  $(RPY) -m anomalygpt_edge inspect --bundle $(DEMO)/bundle --verify --class $$c --save-maps demo-out \
+	    $(DEMO)/samples/$$c-*.png || exit $$?; \
+	done
+	@echo "heatmap overlays: demo-out/"
+
+demo-model: install
+	$(PY) -m anomalygpt_edge.models.train --work .demo-work --bundle $(DEMO)/bundle
+	$(PY) -m anomalygpt_edge.benchmarks.demo_report --bundle $(DEMO)/bundle --work .demo-work --out $(DEMO) \
+	  --samples $(DEMO)/samples
 
 clean:
-	rm -rf $(VENV) $(RUNTIME_VENV) build *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) build *.egg-info demo-out

@@ -199,6 +199,17 @@ def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[Anomal
     return model, text
 
 
+def load_trained(work, model: AnomalyGPT, text: TextTower) -> dict:
+    """Load ``<work>/final.pt`` (written by :func:`main`) into a model built by :func:`build_small`."""
+    state = load_checkpoint(Path(work) / 'final.pt')
+    if state is None:
+        raise FileNotFoundError(f"{Path(work) / 'final.pt'}: no trained model (run the training first)")
+    model.load_state_dict(state['model'])
+    text.load_state_dict(state['text'])
+    model.eval(), text.eval()
+    return state
+
+
 def demo_corpus(categories) -> list[str]:
     from .tokenizer import reference_corpus
     return reference_corpus() + [categories[c].question for c in categories] * 4
@@ -216,7 +227,8 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(TrainSettings):
         ap.add_argument('--' + f.name.replace('_', '-'), type=type(f.default), default=f.default)
     ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
-    ap.add_argument('--quant', default='q8_0', help='GGUF type(s) for the bundle (comma-separated)')
+    ap.add_argument('--quant', default='f32,q8_0', help='GGUF type(s) for the bundle, the first is the default')
+    ap.add_argument('--export-only', action='store_true', help='skip training: export <work>/final.pt')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     s = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
@@ -229,16 +241,18 @@ def main(argv=None) -> int:
         train_sentencepiece(tok_dir, demo_corpus(CATEGORIES), vocab_size=600)
     tokenizer = load_tokenizer(tok_dir)
     model, text = build_small(tok_dir, s.seed, args.config)
-    dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True)
-    t0 = time.time()
-    train_vision(model, text, dataset, s, work / 'vision.pt')
-    log.info("vision stage done in %.1f min", (time.time() - t0) / 60)
-    t1 = time.time()
-    train_language(model, text, tokenizer, dataset, s, work / 'language.pt')
-    log.info("language stage done in %.1f min", (time.time() - t1) / 60)
-    torch.save({'model': model.state_dict(), 'text': text.state_dict(), 'config': model.cfg.to_dict()},
-               work / 'final.pt.partial')
-    os.replace(work / 'final.pt.partial', work / 'final.pt')
+    if args.export_only:
+        load_trained(work, model, text)
+    else:
+        dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True)
+        t0 = time.time()
+        train_vision(model, text, dataset, s, work / 'vision.pt')
+        log.info("vision stage done in %.1f min", (time.time() - t0) / 60)
+        t1 = time.time()
+        train_language(model, text, tokenizer, dataset, s, work / 'language.pt')
+        log.info("language stage done in %.1f min", (time.time() - t1) / 60)
+        save_checkpoint(work / 'final.pt', model=model.state_dict(), text=text.state_dict(),
+                        minutes={'vision': (t1 - t0) / 60, 'language': (time.time() - t1) / 60})
     if args.bundle:
         from ..export.bundle_export import write_bundle
         extra = spec.SYNTHETIC_DESCRIPTIONS
