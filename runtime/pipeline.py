@@ -30,6 +30,8 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     original_size: tuple[int, int] | None = None   # (height, width) of the input image
     few_shot: bool = False
+    verdict_source: str | None = None     # 'llm', or 'threshold' (LLM-free: score vs a calibrated threshold)
+    threshold: float | None = None        # the calibrated score threshold behind a 'threshold' verdict
 
     def map_at_original(self) -> np.ndarray:
         """The map resized to the input image's size (squash mode inverts exactly this way)."""
@@ -43,6 +45,10 @@ class Result:
         d = {'image': self.image, 'class': self.class_name, 'verdict': self.verdict, 'answer': self.answer,
              'score': round(self.score, 6), 'locations': self.locations, 'few_shot': self.few_shot,
              'timings_ms': {k: round(v, 3) for k, v in self.timings_ms.items()}}
+        if self.verdict_source is not None:
+            d['verdict_source'] = self.verdict_source
+        if self.threshold is not None:
+            d['threshold'] = round(self.threshold, 6)
         if include_map:
             d['anomaly_map'] = self.anomaly_map.tolist()
         return d
@@ -74,6 +80,8 @@ class Pipeline:
         self.default_class = m.get('default_class', 'object')
         self.text_features = np.load(bundle.path(m['text_features']['file']))
         self.max_new_tokens = max_new_tokens
+        self.precision, self.backend = precision, backend
+        self.thresholds = m.get('thresholds', {})
         self.runners = {name: self._runner(name, precision, backend, threads)
                         for name in ('encoder', 'decoder', 'fewshot', 'prompt_learner') if name in m['components']}
         self.session = None
@@ -87,12 +95,22 @@ class Pipeline:
 
     # -- construction -------------------------------------------------------------------------
     def _runner(self, name, precision, backend, threads):
+        if backend == 'auto':
+            from .engines import tensorrt_usable
+            backend = 'tensorrt' if tensorrt_usable(self.bundle, precision) else 'onnxruntime'
+        if backend == 'tensorrt':
+            from .tensorrt_runner import TrtRunner
+            from .engines import engine_for
+            return TrtRunner(engine_for(self.bundle, name, precision), name=f'tensorrt:{name}')
+        if backend != 'onnxruntime':
+            raise BundleError(f"unknown backend {backend!r} (choose onnxruntime, tensorrt or auto)")
+        variants = self.bundle.manifest['components'].get(name, {})
+        if precision == 'int8' and 'int8' not in variants:
+            precision = 'fp32'  # INT8 is calibrated for the heavy graphs only; the rest run FP32
         entry = self.bundle.component(name, precision)
         path = self.bundle.path(entry['file'])
-        if backend in ('onnxruntime', 'auto'):
-            from .runners import OrtRunner
-            return OrtRunner(path, intra_op_threads=threads)
-        raise BundleError(f"unknown backend {backend!r} (this build supports onnxruntime)")
+        from .runners import OrtRunner
+        return OrtRunner(path, intra_op_threads=threads)
 
     def _llm_session(self, quant, threads, n_ctx, exact):
         llm = self.bundle.llm
@@ -219,15 +237,20 @@ class Pipeline:
         s.truncate(common)
         self._kv_keys = have[:common]
         pos = 0
-        for seg in segments:
-            n = len(seg[1])
-            lo = max(common - pos, 0)
-            if lo < n:
-                if seg[0] == 'tokens':
-                    s.eval_tokens(list(seg[1])[lo:])
-                else:
-                    s.eval_embeddings(np.ascontiguousarray(seg[1][lo:], dtype=np.float32))
-            pos += n
+        try:
+            for seg in segments:
+                n = len(seg[1])
+                lo = max(common - pos, 0)
+                if lo < n:
+                    if seg[0] == 'tokens':
+                        s.eval_tokens(list(seg[1])[lo:])
+                    else:
+                        s.eval_embeddings(np.ascontiguousarray(seg[1][lo:], dtype=np.float32))
+                pos += n
+        except Exception:
+            s.reset()  # the cache no longer matches any known prompt: start clean next time
+            self._kv_keys = []
+            raise
         self._kv_keys = wanted
 
     def llm_segments(self, token: np.ndarray, prompts: np.ndarray, prompt_text: str, key) -> list:
@@ -259,6 +282,16 @@ class Pipeline:
         text = (raw if cut < 0 else raw[:cut]).rstrip('\n').strip()
         return ids, text
 
+    def threshold_for(self, class_name: str, memory: np.ndarray | None = None) -> float | None:
+        """The calibrated score threshold (``calibrate threshold``) of this class and mode, if any."""
+        if memory is None:
+            mode = 'zero-shot'
+        else:
+            taps = next(o for o in self.bundle.component('encoder', 'fp32')['outputs'] if o['name'] == 'taps')
+            mode = f"{memory.shape[1] // taps['shape'][2]}-shot"
+        entry = (self.thresholds.get(class_name) or {}).get(mode)
+        return None if entry is None else float(entry['score'])
+
     # -- the main job -------------------------------------------------------------------------
     def inspect(self, image, class_name: str | None = None, describe: str | None = None, question: str | None = None,
                 references=None, memory: np.ndarray | None = None, llm: bool = True, verdict_first: bool = False,
@@ -273,18 +306,22 @@ class Pipeline:
                 memory = self.memory(references)
         token, amap, prompts = self.vision(x, cls, memory, timings)
         m = amap[0, 0]
-        verdict = answer = None
+        verdict = answer = source = score_threshold = None
         ids: list[int] = []
         if llm and self.session is not None:
             q = self.question(cls, describe, question)
             ids, answer = self.answer(self.llm_segments(token, prompts, self.prompt_text(q), object()),
                                       verdict_first, timings)
-            verdict = parse_verdict(answer)
+            verdict, source = parse_verdict(answer), 'llm'
+        else:
+            score_threshold = self.threshold_for(cls, memory)
+            if score_threshold is not None:
+                verdict, source = ('yes' if float(m.max()) > score_threshold else 'no'), 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
         return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
                       locations=locations(m, self.prompt['location_words'], threshold), verdict=verdict,
                       answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
-                      few_shot=memory is not None)
+                      few_shot=memory is not None, verdict_source=source, threshold=score_threshold)
 
     def chat(self, image, **kwargs) -> "Chat":
         return Chat(self, image, **kwargs)
