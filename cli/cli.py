@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     'watch': ('anomalygpt_edge.runtime.cmd_watch', 'inspect frames from a camera, video, stream or folder; JSON lines'),
     'serve': ('anomalygpt_edge.runtime.cmd_serve', 'local HTTP service: POST /inspect, GET /health, GET /metrics'),
     'export': ('anomalygpt_edge.export.cmd_export', 'build a bundle (ONNX + GGUF) from checkpoints or a tiny random model'),
+    'bench': ('anomalygpt_edge.benchmarks.cmd_bench', 'latency per stage vs the PyTorch baseline; decode vs the bandwidth ceiling'),
     'eval': ('anomalygpt_edge.benchmarks.cmd_eval', 'accuracy on MVTec-AD/VisA-layout folders (AUROC, Yes/No, location)'),
     'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
 }

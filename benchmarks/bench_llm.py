@@ -1,0 +1,253 @@
+"""LLM half of the latency benchmark: prefill of the AnomalyGPT prompt (tokens, 1 image embedding,
+tokens, 18 prompt embeddings, question tokens) and greedy decode, for
+
+- ours: ``LlamaSession`` fed segment by segment exactly as ``runtime.Pipeline`` feeds it;
+- raw llama.cpp: a minimal loop on the low-level API with the same model and context settings
+  (the whole prompt as one embedding batch, then one ``llama_decode`` per token);
+- the baseline: HF transformers ``LlamaForCausalLM`` (FP32 and bf16, SDPA attention) fed
+  ``inputs_embeds`` and decoding with its KV cache, as the reference's ``greedy_generate`` does.
+
+At the Vicuna-7B width the LLM is built with a few layers and every figure is fitted as
+t = a + b * layers, then extrapolated (and labelled so) to the real depth.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench_stats import PeakRSS, summarize
+
+EMBED_SCALE = 0.02  # the HF initializer range: random embeddings of the size token rows have
+VERDICT_STEPS = 2   # the pipeline knows the verdict after evaluating "Yes" and the character after it
+
+
+@dataclasses.dataclass
+class Layout:
+    """The prompt as segments: ('tokens', [ids]) or ('embeds', n)."""
+    segments: list
+
+    @property
+    def n_positions(self) -> int:
+        return sum(len(s[1]) if s[0] == 'tokens' else s[1] for s in self.segments)
+
+
+def prompt_layout(tokenize, bos_id: int, question: str, positions: int | None = None) -> Layout:
+    """The reference prompt (spec 6.1) tokenized by ``tokenize``. ``positions``: stretch or cut the
+    question tokens so the whole prompt has exactly that many positions (used when the benchmark's
+    tokenizer is not Vicuna's, whose counts the real prompt would have)."""
+    from ..models import spec
+    head = [bos_id] + tokenize(spec.PROMPT_START)
+    mid = tokenize(spec.IMAGE_END)
+    tail = tokenize(question + spec.ASSISTANT)
+    fixed = len(head) + 1 + len(mid) + spec.N_PROMPTS
+    if positions is not None:
+        need = positions - fixed
+        if need < 1:
+            raise ValueError(f"--prompt-positions {positions} is shorter than the fixed part of the prompt ({fixed + 1})")
+        tail = (tail * (need // len(tail) + 1))[:need]
+    return Layout([('tokens', head), ('embeds', 1), ('tokens', mid), ('embeds', spec.N_PROMPTS), ('tokens', tail)])
+
+
+def random_embeds(layout: Layout, n_embd: int, seed: int = 0) -> dict[int, np.ndarray]:
+    """One seeded [n, n_embd] array per embedding segment (by segment index)."""
+    rng = np.random.default_rng(seed)
+    return {i: (rng.standard_normal((s[1], n_embd)) * EMBED_SCALE).astype(np.float32)
+            for i, s in enumerate(layout.segments) if s[0] == 'embeds'}
+
+
+# -- building the models -------------------------------------------------------------------------
+def build_hf(llm_cfg, layers: int, seed: int = 0):
+    """A seeded random ``LlamaForCausalLM`` of ``llm_cfg``'s width with ``layers`` layers, SDPA attention
+    (PyTorch's fastest here; the reference's eager attention is only slower)."""
+    from ..models.llm import build_llama
+    model = build_llama(dataclasses.replace(llm_cfg, layers=layers), seed=seed)
+    model.set_attn_implementation('sdpa')
+    return model
+
+
+@contextlib.contextmanager
+def _quiet(*loggers):
+    """The GGUF writer warns once per padding token (31k of them for a small tokenizer at vocab 32001)."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def export_gguf(hf_model, tokenizer_dir, out_dir: Path, quants) -> dict[str, Path]:
+    from ..export.llm_export import export_llm
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _quiet('anomalygpt_edge.export.gguf_writer', 'anomalygpt_edge.export.llm_export',
+                'anomalygpt_edge.export.quantize'):
+        section = export_llm(hf_model, tokenizer_dir, out_dir, quants=tuple(quants), name='bench-random-llama')
+    return {q: out_dir / f for q, f in section['files'].items()}
+
+
+def gguf_bytes(path) -> dict:
+    """Bytes of all tensors in a GGUF file (what one decode step reads, token_embd included as the
+    ceiling definition asks) and of the token-embedding table alone (of which a step reads one row)."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    embd = sum(int(t.n_bytes) for t in reader.tensors if t.name == 'token_embd.weight')
+    return {'tensors': total, 'token_embd': embd, 'file': os.path.getsize(path)}
+
+
+# -- ours: LlamaSession, as the Pipeline drives it ------------------------------------------------
+def _decode_stats(prefill: list, steps: list[list[float]], answer_tokens: int) -> dict:
+    per_token = [float(np.mean(s)) for s in steps]
+    return {'prefill_ms': summarize(prefill),
+            'decode_ms_per_token': summarize(per_token),
+            'decode_tok_s': 1e3 / summarize(per_token)['median'],
+            'verdict_ms': summarize([p + sum(s[:VERDICT_STEPS]) for p, s in zip(prefill, steps)]),
+            'answer_ms': summarize([p + sum(s[:answer_tokens]) for p, s in zip(prefill, steps)]),
+            'tokens_per_run': min(len(s) for s in steps)}
+
+
+def bench_session(path, layout: Layout, threads: int, runs: int, warmup: int, n_decode: int,
+                  answer_tokens: int, n_ctx: int = 2048, seed: int = 0, progress=None) -> dict:
+    from ..runtime.llama_session import LlamaSession
+    with PeakRSS() as load:
+        s = LlamaSession(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads)
+    embeds = random_embeds(layout, s.n_embd, seed)
+    prefill, steps = [], []
+    with PeakRSS() as run, s:
+        for i in range(warmup + runs):
+            s.reset()
+            t0 = time.perf_counter()
+            for k, seg in enumerate(layout.segments):
+                if seg[0] == 'tokens':
+                    s.eval_tokens(seg[1])
+                else:
+                    s.eval_embeddings(embeds[k])
+            t1 = time.perf_counter()
+            stamps = [t1]
+            # no stop strings: random weights would stop anywhere; a fixed length is what is timed
+            s.generate(n_decode, stop=(), on_token=lambda _i, _t: stamps.append(time.perf_counter()) and False)
+            if len(stamps) < answer_tokens + 1:
+                raise RuntimeError(f"{path}: generation ended after {len(stamps) - 1} tokens (EOS from random "
+                                   f"weights); rerun with another --seed")
+            if i >= warmup:
+                prefill.append((t1 - t0) * 1e3)
+                steps.append(list(np.diff(stamps) * 1e3))
+            if progress is not None:
+                progress.update(1)
+    out = _decode_stats(prefill, steps, answer_tokens)
+    out['rss_mb'] = {'load': load.to_dict(), 'run': run.to_dict()}
+    out['prefill_batches'] = len(layout.segments)
+    return out
+
+
+# -- raw llama.cpp ------------------------------------------------------------------------------
+def bench_raw(path, n_positions: int, threads: int, runs: int, warmup: int, n_decode: int, answer_tokens: int,
+              n_ctx: int = 2048, n_batch: int = 512, seed: int = 0, progress=None) -> dict:
+    """The same model and context parameters as ``LlamaSession`` (no weight repacking, F16 KV, flash
+    attention at llama.cpp's default), the prompt as ONE embedding batch, a bare decode loop."""
+    from ..runtime import llama_cpp_api
+    L = llama_cpp_api.lib()
+    with PeakRSS() as load:
+        mp = L.llama_model_default_params()
+        mp.use_extra_bufts = False
+        model = L.llama_model_load_from_file(os.fsencode(str(path)), mp)
+        if not model:
+            raise RuntimeError(f"{path}: llama.cpp could not load the model")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        ctx = L.llama_init_from_model(model, cp)
+    n_embd = L.llama_model_n_embd(model)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    mem = L.llama_get_memory(ctx)
+    emb = L.llama_batch_init(n_positions, n_embd, 1)
+    tok = L.llama_batch_init(1, 0, 1)
+    x = (np.random.default_rng(seed).standard_normal((n_positions, n_embd)) * EMBED_SCALE).astype(np.float32)
+    ctypes.memmove(emb.embd, x.ctypes.data, x.nbytes)
+    for i in range(n_positions):
+        emb.pos[i], emb.n_seq_id[i], emb.logits[i] = i, 1, 0
+        emb.seq_id[i][0] = 0
+    emb.logits[n_positions - 1] = 1
+    emb.n_tokens = n_positions
+    tok.n_seq_id[0], tok.logits[0], tok.n_tokens = 1, 1, 1
+    tok.seq_id[0][0] = 0
+    prefill, steps = [], []
+    try:
+        with PeakRSS() as run:
+            for i in range(warmup + runs):
+                L.llama_memory_clear(mem, True)
+                t0 = time.perf_counter()
+                if L.llama_decode(ctx, emb) != 0:
+                    raise RuntimeError(f"{path}: llama_decode failed on the prompt")
+                t1 = time.perf_counter()
+                stamps = [t1]
+                for k in range(n_decode):
+                    logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+                    tok.token[0] = int(np.argmax(logits))
+                    tok.pos[0] = n_positions + k
+                    if L.llama_decode(ctx, tok) != 0:
+                        raise RuntimeError(f"{path}: llama_decode failed at step {k}")
+                    stamps.append(time.perf_counter())
+                if i >= warmup:
+                    prefill.append((t1 - t0) * 1e3)
+                    steps.append(list(np.diff(stamps) * 1e3))
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        L.llama_batch_free(emb)
+        L.llama_batch_free(tok)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    out = _decode_stats(prefill, steps, answer_tokens)
+    out['rss_mb'] = {'load': load.to_dict(), 'run': run.to_dict()}
+    out['prefill_batches'] = 1
+    return out
+
+
+# -- the baseline: HF transformers --------------------------------------------------------------
+def bench_hf(model, dtype: str, layout: Layout, threads: int, runs: int, warmup: int, n_decode: int,
+             answer_tokens: int, seed: int = 0, progress=None) -> dict:
+    """``model`` is cast in place to ``dtype``. Prefill is one forward over ``inputs_embeds`` with all
+    logits (as the reference calls it); no detokenization per step (which the reference also pays)."""
+    import torch
+    torch.set_num_threads(threads)
+    tdtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dtype]
+    with PeakRSS() as load:
+        model.to(tdtype)
+        extra = random_embeds(layout, model.config.hidden_size, seed)
+        with torch.inference_mode():
+            table = model.get_input_embeddings()
+            parts = [table(torch.tensor([seg[1]])) if seg[0] == 'tokens' else torch.from_numpy(extra[k])[None].to(tdtype)
+                     for k, seg in enumerate(layout.segments)]
+            embeds = torch.cat(parts, dim=1)
+    prefill, steps = [], []
+    with PeakRSS() as run, torch.inference_mode():
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            out = model(inputs_embeds=embeds, use_cache=True)
+            t1 = time.perf_counter()
+            stamps = [t1]
+            for _ in range(n_decode):
+                nxt = out.logits[0, -1].argmax()
+                out = model(input_ids=nxt.reshape(1, 1), past_key_values=out.past_key_values, use_cache=True)
+                stamps.append(time.perf_counter())
+            if i >= warmup:
+                prefill.append((t1 - t0) * 1e3)
+                steps.append(list(np.diff(stamps) * 1e3))
+            if progress is not None:
+                progress.update(1)
+            del out
+    res = _decode_stats(prefill, steps, answer_tokens)
+    res['rss_mb'] = {'load': load.to_dict(), 'run': run.to_dict()}
+    res['prefill_batches'] = 1
+    return res
