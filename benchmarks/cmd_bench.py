@@ -64,7 +64,7 @@ def run(args) -> int:
                         runs=args.runs, warmup=args.warmup, llm_runs=args.llm_runs, decode_tokens=args.decode_tokens,
                         answer_tokens=args.answer_tokens, prompt_positions=args.prompt_positions,
                         image_size=args.image_size, seed=args.seed, work_dir=args.work_dir, vision=not args.no_vision,
-                        llm=not args.no_llm, progress=not args.quiet,
+                        llm=not args.no_llm, progress=not args.quiet, on_phase=lambda r: write_json(args.json, r),
                         command='anomalygpt-edge bench ' + shlex.join(sys.argv[2:] if sys.argv[1:2] == ['bench'] else []))
     bad = [b for b in opts.baselines if b not in ('fp32', 'bf16')] + [p for p in opts.precisions if p not in ('fp32', 'fp16')]
     if bad:

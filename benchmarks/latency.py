@@ -55,6 +55,7 @@ class BenchOptions:
     progress: bool = True
     command: str = ''
     notes: list = field(default_factory=list)
+    on_phase: object = None  # called with the partial report after each phase (the CLI saves it)
 
 
 def _log(msg: str) -> None:
@@ -321,11 +322,13 @@ def run_bench(opts: BenchOptions) -> dict:
         report = {'schema': SCHEMA, 'command': opts.command, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                   'machine': machine_info(), 'options': {k: (list(v) if isinstance(v, tuple) else v)
                                                          for k, v in dataclasses.asdict(opts).items()
-                                                         if k not in ('progress', 'command', 'notes', 'work_dir')}}
+                                                         if k not in ('progress', 'command', 'notes', 'work_dir', 'on_phase')}}
+        save = opts.on_phase or (lambda _r: None)
         report['bandwidth'] = {'start': memory_bandwidth(opts.threads)}
         cfg, bundle, tok = _resolve_config(opts, work)
         report['config'] = cfg.name
         report['vision'] = run_vision(opts, cfg, bundle, work) if opts.vision else None
+        save({**report, 'partial': 'vision done, LLM pending'})
         gc.collect()
         if opts.llm:
             report['bandwidth']['before_llm'] = memory_bandwidth(opts.threads)
