@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     'bench': ('anomalygpt_edge.benchmarks.cmd_bench', 'latency per stage vs the PyTorch baseline; decode vs the bandwidth ceiling'),
     'eval': ('anomalygpt_edge.benchmarks.cmd_eval', 'accuracy on MVTec-AD/VisA-layout folders (AUROC, Yes/No, location)'),
     'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
+    'build-engines': ('anomalygpt_edge.runtime.cmd_build_engines', 'build TensorRT engines for this GPU from a bundle (on the device)'),
+    'calibrate': ('anomalygpt_edge.calibration.cmd_calibrate', 'INT8 (Q/DQ, accuracy-gated) and LLM-free score thresholds from normal images'),
 }
 
 # packages a subcommand may need that a runtime-only install lacks

@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument('--json', action='store_true', help='one JSON object per image on stdout')
     p.add_argument('--save-maps', metavar='DIR', help='write heatmap overlays <image>-map.png here')
     p.add_argument('--precision', default='fp32', help='vision graph precision from the bundle (default: %(default)s)')
+    p.add_argument('--backend', choices=('onnxruntime', 'tensorrt', 'auto'), default='onnxruntime',
+                   help='vision backend; auto = TensorRT when engines for this GPU exist (default: %(default)s)')
     p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
     p.add_argument('--threads', type=int, help='CPU threads for ONNX Runtime and llama.cpp')
     p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's, squash)")
@@ -44,7 +46,7 @@ def run(args) -> int:
 
     try:
         pipe = Pipeline.from_bundle(args.bundle, verify_hashes=args.verify, llm=not args.no_llm,
-                                    precision=args.precision, quant=args.quant, threads=args.threads,
+                                    precision=args.precision, backend=args.backend, quant=args.quant, threads=args.threads,
                                     resize_mode=args.resize)
     except (BundleError, OSError) as e:
         fail(e)
@@ -82,6 +84,8 @@ def run(args) -> int:
             else:
                 where = ', '.join(res.locations) or '-'
                 verdict = (res.verdict or 'n/a').upper()
+                if res.verdict_source == 'threshold':
+                    verdict += f' (threshold {res.threshold:.3f}, no LLM)'
                 print(f"{image}: {verdict}  score {res.score:.3f}  hot regions: {where}  "
                       f"({res.timings_ms['total']:.0f} ms)")
                 if res.answer is not None:

@@ -99,9 +99,14 @@ class Pipeline:
             from .engines import tensorrt_usable
             backend = 'tensorrt' if tensorrt_usable(self.bundle, precision) else 'onnxruntime'
         if backend == 'tensorrt':
+            from .engines import device_info, engine_for
             from .tensorrt_runner import TrtRunner
-            from .engines import engine_for
-            return TrtRunner(engine_for(self.bundle, name, precision), name=f'tensorrt:{name}')
+            try:
+                device = device_info()
+            except ImportError as e:
+                raise BundleError(f"backend 'tensorrt' needs the {e.name} package (TensorRT's Python bindings and "
+                                  "pycuda; see docs/tensorrt.md), or use --backend onnxruntime") from None
+            return TrtRunner(engine_for(self.bundle, name, precision, device), name=f'tensorrt:{name}')
         if backend != 'onnxruntime':
             raise BundleError(f"unknown backend {backend!r} (choose onnxruntime, tensorrt or auto)")
         variants = self.bundle.manifest['components'].get(name, {})
@@ -109,8 +114,10 @@ class Pipeline:
             precision = 'fp32'  # INT8 is calibrated for the heavy graphs only; the rest run FP32
         entry = self.bundle.component(name, precision)
         path = self.bundle.path(entry['file'])
-        from .runners import OrtRunner
-        return OrtRunner(path, intra_op_threads=threads)
+        from .engines import ort_gpu_providers
+        from .runners import OrtRunner, available_providers
+        providers = ort_gpu_providers(self.bundle, name, precision, available_providers())
+        return OrtRunner(path, providers=providers, intra_op_threads=threads)
 
     def _llm_session(self, quant, threads, n_ctx, exact):
         llm = self.bundle.llm

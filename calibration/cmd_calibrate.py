@@ -1,0 +1,171 @@
+"""Calibrate a bundle from normal images: INT8 (explicit Q/DQ, with an accuracy gate), score
+thresholds for the LLM-free mode, or a legacy TensorRT INT8 engine (TensorRT < 10.1).
+
+  calibrate int8      --bundle DIR --images NORMAL_DIR --heldout MVTEC_ROOT [--method minmax|entropy|percentile]
+  calibrate threshold --bundle DIR --images NORMAL_DIR --class NAME [--percentile 100] [--reference IMG ...]
+  calibrate trt-legacy --bundle DIR --images NORMAL_DIR   (on the device; writes an int8 engine set)
+
+`int8` leaves the bundle unchanged and exits 1 when the INT8 encoder loses more than --max-drop
+image-AUROC points (or its maps move more than --max-map-error) on the held-out images.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest='what', metavar='WHAT', required=True)
+    q = sub.add_parser('int8', help='INT8 Q/DQ encoder from normal images, kept only if it passes the accuracy gate')
+    q.add_argument('--bundle', required=True)
+    q.add_argument('--images', required=True, metavar='NORMAL_DIR', help='folder of normal images (calibration)')
+    q.add_argument('--heldout', required=True, metavar='MVTEC_ROOT',
+                   help='held-out images in MVTec layout (<class>/test/good, <class>/test/<defect>, train/good)')
+    q.add_argument('--method', choices=('minmax', 'entropy', 'percentile'), default='minmax')
+    q.add_argument('--percentile', type=float, default=99.999, help='for --method percentile (default: %(default)s)')
+    q.add_argument('--target', choices=('tensorrt', 'onnxruntime'), default='tensorrt',
+                   help='tensorrt: FP32 weights behind Q/DQ (TensorRT 8.6 needs them; works in ONNX Runtime too); '
+                        'onnxruntime: INT8 weights, a quarter of the file (default: %(default)s)')
+    q.add_argument('--no-attention', action='store_true', help='keep the attention MatMuls (Q.K^T, attn.V) FP32')
+    q.add_argument('--max-images', type=int, default=256, help='cap on calibration images (default: %(default)s)')
+    q.add_argument('--batch-size', type=int, default=4)
+    q.add_argument('--seed', type=int, default=0, help='shuffling seed (default: %(default)s)')
+    q.add_argument('--recursive', action='store_true', help='take images from sub-folders of --images too')
+    q.add_argument('--k-shot', type=int, default=1, help='also gate the k-shot map (0: zero-shot only; default: %(default)s)')
+    q.add_argument('--max-drop', type=float, default=0.5, help='largest image-AUROC drop allowed, in points (default: %(default)s)')
+    q.add_argument('--max-map-error', type=float, default=0.02,
+                   help='largest mean absolute anomaly-map error allowed (default: %(default)s)')
+    q.add_argument('--json', help='write the gate report here')
+
+    t = sub.add_parser('threshold', help='per-class score threshold on normal images, for inspect --no-llm')
+    t.add_argument('--bundle', required=True)
+    t.add_argument('--images', required=True, metavar='NORMAL_DIR')
+    t.add_argument('--class', dest='class_name', required=True, help="the bundle's class these images show")
+    t.add_argument('--percentile', type=float, default=100.0,
+                   help='threshold = this percentile of the normal scores (default: %(default)s = the maximum)')
+    t.add_argument('--margin', type=float, default=0.0, help='added to the threshold (default: %(default)s)')
+    t.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='few-shot references: calibrates the k-shot mode')
+    t.add_argument('--max-images', type=int)
+    t.add_argument('--precision', default='fp32', help='vision precision to score with (default: %(default)s)')
+    t.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'tensorrt', 'auto'))
+    t.add_argument('--threads', type=int)
+
+    g = sub.add_parser('trt-legacy', help='INT8 engine with TensorRT\'s implicit entropy calibrator (TensorRT < 10.1)')
+    g.add_argument('--bundle', required=True)
+    g.add_argument('--images', required=True, metavar='NORMAL_DIR')
+    g.add_argument('--max-images', type=int, default=256)
+    g.add_argument('--batch-size', type=int, default=4)
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--workspace', type=int, metavar='MB')
+    g.add_argument('--cache', help='calibration cache file (default: bundle/engines/<set>/encoder.calib)')
+
+
+def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.999, target='tensorrt',
+                   quantize_attention=True, max_images=256, batch_size=4, seed=0, recursive=False, k_shot=1,
+                   max_drop=0.5, max_map_mae=0.02, log=print):
+    """Quantize, gate, and (only if the gate passes) add ``encoder-int8.onnx`` to the bundle.
+    Returns the GateReport; the bundle is unchanged when it did not pass."""
+    from ..runtime.bundle import Bundle
+    from ..runtime.pipeline import Pipeline
+    from ..runtime.runners import OrtRunner
+    from .bundle_update import update_bundle
+    from .data_reader import ImageBatches
+    from .gate import accuracy_gate
+    from .int8 import INT8_TOLERANCE, QuantizeOptions, int8_file, quantize_onnx
+
+    bundle = Bundle.open(bundle_dir, verify_hashes=True)
+    fp32 = bundle.component('encoder', 'fp32')
+    batches = ImageBatches.from_folder(images, bundle, recursive, batch_size=batch_size, seed=seed,
+                                       max_images=max_images)
+    opts = QuantizeOptions(method=method, percentile=percentile, target=target, quantize_attention=quantize_attention)
+    name = int8_file('encoder')
+    with tempfile.TemporaryDirectory(prefix=f'.{bundle.root.name}.int8-', dir=bundle.root.parent) as work:
+        candidate = Path(work) / name
+        log(f"calibrating {name} on {len(batches.paths)} images ({method}) ...")
+        info = quantize_onnx(bundle.path(fp32['file']), candidate, batches, 'encoder', 'image', opts)
+        log("accuracy gate on the held-out images ...")
+        with Pipeline(bundle, llm=False) as ref, Pipeline(bundle, llm=False) as cand:
+            cand.runners['encoder'] = OrtRunner(candidate, name=f'onnxruntime:{name}')
+            report = accuracy_gate(ref, cand, heldout, k_shot=k_shot, max_drop=max_drop, max_map_mae=max_map_mae)
+        if not report.passed:
+            return report
+        entry = {'file': name, 'external_data': info['external_data'], 'precision': 'int8', 'opset': fp32['opset'],
+                 'inputs': fp32['inputs'], 'outputs': fp32['outputs'], 'tolerance': dict(INT8_TOLERANCE['encoder']),
+                 'verified': None, 'source': {'file': fp32['file'], 'sha256': bundle.manifest['files'][fp32['file']]['sha256']},
+                 'quantization': {k: v for k, v in info.items() if k != 'external_data'},
+                 'gate': report.to_dict()}
+        new = {name: candidate}
+        if info['external_data']:
+            new[info['external_data']] = candidate.parent / info['external_data']
+
+        def edit(manifest):
+            manifest['components']['encoder']['int8'] = entry
+        update_bundle(bundle.root, edit, new_files=new)
+    return report
+
+
+def _int8(args) -> int:
+    report = calibrate_int8(args.bundle, args.images, args.heldout, args.method, args.percentile, args.target,
+                            not args.no_attention, args.max_images, args.batch_size, args.seed, args.recursive,
+                            args.k_shot, args.max_drop, args.max_map_error)
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+    if not report.passed:
+        print(f"anomalygpt-edge calibrate int8: refused; {args.bundle} is unchanged", file=sys.stderr)
+        return 1
+    print(f"{args.bundle}: added encoder-int8.onnx (inspect --precision int8, build-engines --precision int8)")
+    return 0
+
+
+def _threshold(args) -> int:
+    from ..runtime.pipeline import Pipeline
+    from .thresholds import calibrate_threshold, store_threshold
+    with Pipeline.from_bundle(args.bundle, llm=False, precision=args.precision, backend=args.backend,
+                              threads=args.threads) as pipe:
+        cls, mode, entry = calibrate_threshold(pipe, args.images, args.class_name, args.percentile, args.margin,
+                                               args.reference, args.max_images)
+    store_threshold(args.bundle, cls, mode, entry)
+    s = entry['normal_scores']
+    print(f"{args.bundle}: threshold {entry['score']:.6f} for {cls!r} ({mode}) from {entry['n_images']} normal "
+          f"images (p{entry['percentile']:g}; normal scores min {s['min']:.4f} median {s['median']:.4f} "
+          f"max {s['max']:.4f}); inspect --no-llm now gives threshold-based verdicts")
+    return 0
+
+
+def _trt_legacy(args) -> int:
+    from ..runtime import engines as E
+    from ..runtime.bundle import Bundle
+    from ..runtime.cmd_build_engines import build_engines
+    from .data_reader import ImageBatches
+    from .trt_calibrator import entropy_calibrator, legacy_supported
+    device = E.device_info()
+    if not legacy_supported(device.trt_version):
+        print(f"anomalygpt-edge calibrate trt-legacy: TensorRT {device.trt_version} has no implicit calibration; "
+              "use `calibrate int8`", file=sys.stderr)
+        return 2
+    bundle = Bundle.open(args.bundle)
+    batches = ImageBatches.from_folder(args.images, bundle, batch_size=args.batch_size, seed=args.seed,
+                                       max_images=args.max_images, drop_last=True)
+    cache = Path(args.cache) if args.cache else E.engine_dir(bundle.root, device, 'int8') / 'encoder.calib'
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = bundle.component('encoder', 'fp32')['file']
+    plan = [E.BuildItem('encoder', fp32, False, ('int8', 'fp16'), True)]
+    plan += [i for i in E.build_plan(bundle.manifest, 'fp16', device.trt_version) if i.component != 'encoder']
+    build_engines(bundle, 'int8', device, args.workspace, plan=plan, force=True,
+                  calibrators={'encoder': entropy_calibrator(batches, cache)})
+    return 0
+
+
+def run(args) -> int:
+    from ..runtime.bundle import BundleError
+    from ..runtime.preprocess import ImageError
+    from .data_reader import CalibrationError
+    handlers = {'int8': _int8, 'threshold': _threshold, 'trt-legacy': _trt_legacy}
+    try:
+        return handlers[args.what](args)
+    except (CalibrationError, BundleError, ImageError, FileNotFoundError, KeyError) as e:
+        print(f"anomalygpt-edge calibrate {args.what}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2

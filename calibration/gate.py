@@ -1,0 +1,114 @@
+"""The accuracy gate of an INT8 calibration: the candidate against the FP32 bundle on held-out images.
+
+Both pipelines run the same held-out MVTec-layout folder (normal and defective images) without the
+LLM, zero-shot and, with ``k_shot``, few-shot from the class's first normal training images. What is
+measured: anomaly-map errors (max and mean absolute), encoder output errors (the comparator), and
+image AUROC (mean over classes, per mode) for FP32 and INT8. The calibration is refused when the
+AUROC drops by more than ``max_drop`` points (1 point = 0.01) in any mode, or when the mean
+absolute map error exceeds ``max_map_mae``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..benchmarks.evaluate import discover, reference_shots
+from ..benchmarks.metrics import image_auroc, mean_or_none
+from ..runtime.compare import ComparisonReport, compare_outputs
+
+ENCODER_CASES = 16  # held-out images on which the encoder outputs themselves are compared
+
+
+@dataclass
+class GateReport:
+    max_drop: float
+    max_map_mae: float
+    modes: dict = field(default_factory=dict)     # mode -> {fp32_auroc, int8_auroc, drop_points, per_class}
+    map_max_abs: float = 0.0
+    map_mean_abs: float = 0.0
+    encoder: dict = field(default_factory=dict)   # output -> worst max_abs / max_rel / min_cosine
+    n_images: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict:
+        return {'passed': self.passed, 'reasons': self.reasons, 'max_drop_points': self.max_drop,
+                'max_map_mae': self.max_map_mae, 'n_images': self.n_images, 'map_max_abs': self.map_max_abs,
+                'map_mean_abs': self.map_mean_abs, 'encoder': self.encoder, 'modes': self.modes}
+
+    def summary(self) -> str:
+        lines = [f"accuracy gate: {'PASSED' if self.passed else 'REFUSED'} on {self.n_images} held-out images"]
+        for mode, m in self.modes.items():
+            f = (lambda v: '-' if v is None else f'{v:.4f}')
+            lines.append(f"  {mode}: image AUROC fp32 {f(m['fp32_auroc'])}  int8 {f(m['int8_auroc'])}  "
+                         f"drop {m['drop_points']:+.2f} points (limit {self.max_drop:g})")
+        lines.append(f"  anomaly map error: max {self.map_max_abs:.4f}  mean {self.map_mean_abs:.5f} "
+                     f"(limit {self.max_map_mae:g})")
+        for name, w in self.encoder.items():
+            lines.append(f"  encoder {name}: max abs {w['max_abs']:.4g}  max rel {w['max_rel']:.4g}  "
+                         f"min cosine {w['min_cosine']:.6f}")
+        lines += [f"  refused: {r}" for r in self.reasons]
+        return '\n'.join(lines)
+
+
+def _bundle_class(pipeline, folder_name: str, class_map) -> str:
+    name = (class_map or {}).get(folder_name, folder_name.replace('_', ' '))
+    return name if name in pipeline.classes else pipeline.default_class
+
+
+def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop: float = 0.5,
+                  max_map_mae: float = 0.02, classes=None, class_map=None) -> GateReport:
+    """``reference`` / ``candidate``: Pipelines (LLM not needed) differing only in their vision runners."""
+    report = GateReport(max_drop, max_map_mae)
+    found = discover(heldout_root, classes)
+    modes = ['zero-shot'] + ([f'{k_shot}-shot'] if k_shot else [])
+    per_mode = {m: {'fp32': [], 'int8': [], 'per_class': {}} for m in modes}
+    enc = ComparisonReport('int8', 'fp32')
+    max_abs, abs_sum, n_px = 0.0, 0.0, 0
+    for folder, samples in found.items():
+        cls = _bundle_class(reference, folder, class_map)
+        memories = {'zero-shot': (None, None)}
+        if k_shot:
+            shots = reference_shots(heldout_root, folder, k_shot)
+            memories[f'{k_shot}-shot'] = (reference.memory(shots), candidate.memory(shots))
+        labels = [int(s.anomalous) for s in samples]
+        for mode, (mem_ref, mem_cand) in memories.items():
+            s_ref, s_cand = [], []
+            for s in samples:
+                if mode == 'zero-shot' and len(enc.results) < 2 * ENCODER_CASES:
+                    x, _, _ = reference.load(s.path)
+                    enc.extend(compare_outputs(candidate.runners['encoder'].infer({'image': x}),
+                                               reference.runners['encoder'].infer({'image': x}),
+                                               {'atol': 0.0, 'rtol': 0.0}, str(s.path)))
+                a = reference.inspect(s.path, class_name=cls, memory=mem_ref, llm=False)
+                b = candidate.inspect(s.path, class_name=cls, memory=mem_cand, llm=False)
+                d = np.abs(a.anomaly_map.astype(np.float64) - b.anomaly_map)
+                max_abs, abs_sum, n_px = max(max_abs, float(d.max())), abs_sum + float(d.sum()), n_px + d.size
+                s_ref.append(a.score)
+                s_cand.append(b.score)
+            r, c = image_auroc(s_ref, labels), image_auroc(s_cand, labels)
+            per_mode[mode]['fp32'].append(r)
+            per_mode[mode]['int8'].append(c)
+            per_mode[mode]['per_class'][folder] = {'fp32': r, 'int8': c}
+        report.n_images += len(samples)
+    for mode, m in per_mode.items():
+        r, c = mean_or_none(m['fp32']), mean_or_none(m['int8'])
+        drop = 0.0 if r is None or c is None else 100.0 * (r - c)
+        report.modes[mode] = {'fp32_auroc': r, 'int8_auroc': c, 'drop_points': drop, 'per_class': m['per_class']}
+        if drop > max_drop:
+            report.reasons.append(f"{mode} image AUROC drops {drop:.2f} points ({r:.4f} -> {c:.4f}), "
+                                  f"more than --max-drop {max_drop:g}")
+    report.map_max_abs = max_abs
+    report.map_mean_abs = abs_sum / max(n_px, 1)
+    if report.map_mean_abs > max_map_mae:
+        report.reasons.append(f"mean absolute anomaly-map error {report.map_mean_abs:.4f} exceeds "
+                              f"--max-map-error {max_map_mae:g}")
+    names = dict.fromkeys(r.name for r in enc.results)
+    report.encoder = {n: enc.worst(n) for n in names}
+    if any(r.error for r in enc.results):
+        report.reasons.append("the INT8 encoder produced NaN or wrongly shaped outputs")
+    return report

@@ -1,0 +1,160 @@
+"""INT8 graphs with explicit quantization (Q/DQ), calibrated on normal images with ONNX Runtime.
+
+The Q/DQ form is the one both devices read: ONNX Runtime runs it directly (CPU: integer kernels)
+and TensorRT builds an INT8 engine from it with no calibrator (the only INT8 route left in
+TensorRT 11, and the recommended one since 10.1). What TensorRT requires, and so what is written:
+- activations INT8 and *symmetric* (zero point 0), weights INT8 symmetric *per channel*;
+- for ``target='tensorrt'`` the weights stay FP32 behind a Q/DQ pair (TensorRT 8.6 accepts only
+  FP32 weights in Q/DQ graphs; 10.x quantizes them at build time), biases stay FP32 and every
+  consumer gets its own Q/DQ pair (TensorRT fuses per consumer). ``target='onnxruntime'`` stores
+  INT8 weights (a quarter of the file) for CPU-only bundles.
+Only the matrix products are quantized (Conv, MatMul, Gemm: where INT8 pays); LayerNorm, Softmax,
+Sigmoid, the L2 normalisations and everything after the encoder's normalised embedding stay FP32
+(the same islands as the FP16 export, ``export.fp16.fp32_node_names``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .data_reader import CalibrationError, ImageBatches, ort_reader
+
+log = logging.getLogger(__name__)
+
+METHODS = ('minmax', 'entropy', 'percentile')
+TARGETS = ('tensorrt', 'onnxruntime')
+QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
+# Per component: whether every node after an L2 normalisation stays FP32 (as the FP16 policy)
+AFTER_NORMALISE = {'encoder': True, 'decoder': True, 'fewshot': False, 'prompt_learner': False}
+# Default tolerance of an INT8 variant against FP32, recorded in the manifest; the accuracy gate
+# (calibration.gate) is what decides whether a calibration is kept.
+INT8_TOLERANCE = {'encoder': {'atol': 1.0, 'rtol': 0.25}, 'prompt_learner': {'atol': 5e-2, 'rtol': 5e-2}}
+
+
+def int8_file(component: str) -> str:
+    return f'{component}-int8.onnx'
+
+
+@dataclass
+class QuantizeOptions:
+    method: str = 'minmax'
+    percentile: float = 99.999
+    target: str = 'tensorrt'
+    op_types: tuple[str, ...] = QUANTIZED_OPS
+    exclude: tuple[str, ...] = ()        # more node names to keep FP32
+    quantize_attention: bool = True      # MatMuls between two activations (Q.K^T, attn.V)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {self.method!r}; choose one of {METHODS}")
+        if self.target not in TARGETS:
+            raise CalibrationError(f"unknown INT8 target {self.target!r}; choose one of {TARGETS}")
+        if not 0 < self.percentile <= 100:
+            raise CalibrationError(f"percentile must be in (0, 100], not {self.percentile}")
+
+    def to_dict(self) -> dict:
+        return {'method': self.method, 'percentile': self.percentile if self.method == 'percentile' else None,
+                'target': self.target, 'op_types': list(self.op_types),
+                'quantize_attention': self.quantize_attention,
+                'activations': 'int8 symmetric per-tensor', 'weights': 'int8 symmetric per-channel'}
+
+
+def fp32_nodes(model: onnx.ModelProto, component: str) -> set[str]:
+    """Nodes that stay FP32: the FP16 export's islands (LayerNorm, Softmax, Sigmoid, L2 norms, ...),
+    and a projection whose output is L2-normalised (the encoder's head: one token, so nothing to gain
+    in INT8, and the image token given to the LLM hangs on it directly)."""
+    from ..export.fp16 import fp32_node_names, name_nodes
+    name_nodes(model)
+    keep = fp32_node_names(model, after_normalise=AFTER_NORMALISE.get(component, False))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type in ('ReduceL2', 'ReduceSumSquare') and n.input[0] in producers:
+            src = producers[n.input[0]]
+            if src.op_type in QUANTIZED_OPS:
+                keep.add(src.name)
+    return keep
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> set[str]:
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == 'Constant' for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == 'MatMul' and not (set(n.input) & consts)}
+
+
+def _extra_options(opts: QuantizeOptions) -> dict:
+    # Q/DQ on the inputs of the matrix products only (TensorRT's placement: it fuses an output
+    # quantization itself when the consumer is quantized); a quantized MatMul *output* would push
+    # attention logits and residual-stream values through INT8 before Softmax / LayerNorm
+    extra = {'ActivationSymmetric': True, 'WeightSymmetric': True, 'CalibMaxIntermediateOutputs': 16,
+             'QDQOpTypePerChannelSupportToAxis': {'MatMul': 1},
+             'OpTypesToExcludeOutputQuantization': list(opts.op_types)}
+    if opts.method == 'percentile':
+        extra['CalibPercentile'] = opts.percentile
+    if opts.target == 'tensorrt':
+        extra.update({'AddQDQPairToWeight': True, 'QuantizeBias': False, 'DedicatedQDQPair': True})
+    return extra
+
+
+def quantize_onnx(src, dst, batches: ImageBatches, component: str = 'encoder', input_name: str = 'image',
+                  options: QuantizeOptions | None = None) -> dict:
+    """FP32 ``src`` -> Q/DQ ``dst`` calibrated on ``batches``; written atomically (temp dir, rename).
+    Returns what was done, for the manifest."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    opts = options or QuantizeOptions()
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CalibrationError(f"{src}: no such ONNX file")
+    model = onnx.load(str(src), load_external_data=False)
+    exclude = fp32_nodes(model, component) | set(opts.exclude)
+    if not opts.quantize_attention:
+        exclude |= _activation_matmuls(model)
+    weights = sum(os.path.getsize(p) for p in src.parent.glob(src.name + '*'))
+    method = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
+              'percentile': CalibrationMethod.Percentile}[opts.method]
+    staging = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.', dir=dst.parent))
+    try:
+        # quantize_static reads the graph by path (keeps external data working); unnamed nodes got
+        # names above, so the block list needs the named copy
+        named = staging / 'named.onnx'
+        big = weights > 2**31 - 2**26
+        if big:
+            model = onnx.load(str(src))
+            fp32_nodes(model, component)
+            onnx.save_model(model, str(named), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location='named.onnx.data')
+        else:
+            model = onnx.load(str(src))
+            fp32_nodes(model, component)
+            onnx.save_model(model, str(named))
+        del model
+        out = staging / dst.name
+        quantize_static(str(named), str(out), ort_reader(batches, input_name), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(opts.op_types), per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=sorted(exclude), use_external_data_format=big,
+                        calibrate_method=method, extra_options=_extra_options(opts))
+        q = onnx.load(str(out), load_external_data=False)
+        n_q = sum(n.op_type == 'QuantizeLinear' for n in q.graph.node)
+        if n_q == 0:
+            raise CalibrationError(f"{src}: quantization inserted no Q/DQ nodes (nothing of {list(opts.op_types)} "
+                                   "outside the FP32 islands?)")
+        data = None
+        if big:
+            data = dst.name + '.data'
+            onnx.save_model(onnx.load(str(out)), str(staging / 'final.onnx'), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data)
+            os.replace(staging / data, dst.parent / data)
+            os.replace(staging / 'final.onnx', dst)
+        else:
+            os.replace(out, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s -> %s: %d Q/DQ pairs, %d nodes kept FP32", src.name, dst.name, n_q, len(exclude))
+    return {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude),
+            'calibration': {**opts.to_dict(), 'n_images': len(batches.paths), 'batch_size': batches.batch_size}}
