@@ -99,10 +99,12 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
         new = {name: candidate}
         if info['external_data']:
             new[info['external_data']] = candidate.parent / info['external_data']
+        old = bundle.manifest['components']['encoder'].get('int8') or {}
+        stale = tuple(f for f in (old.get('file'), old.get('external_data')) if f and f not in new)
 
         def edit(manifest):
             manifest['components']['encoder']['int8'] = entry
-        update_bundle(bundle.root, edit, new_files=new)
+        update_bundle(bundle.root, edit, new_files=new, remove=stale)
     return report
 
 

@@ -271,7 +271,9 @@ def ort_gpu_providers(bundle: Bundle, component: str, precision: str, available,
         profiles = profile_shapes(entry, max_batch=max_batch)
         out.append(('TensorrtExecutionProvider', {
             'device_id': device_id, 'trt_max_workspace_size': workspace_mb << 20,
-            'trt_fp16_enable': precision in ('fp16', 'best'), 'trt_int8_enable': precision in ('int8', 'best'),
+            # INT8 only for a Q/DQ graph: on any other graph the provider would ask for a calibration table
+            'trt_fp16_enable': precision in ('fp16', 'int8', 'best'),
+            'trt_int8_enable': precision in ('int8', 'best') and 'int8' in variants,
             'trt_engine_cache_enable': True, 'trt_engine_cache_path': str(cache),
             'trt_timing_cache_enable': True, 'trt_timing_cache_path': str(cache),
             'trt_profile_min_shapes': _shape_option(profiles, 0), 'trt_profile_opt_shapes': _shape_option(profiles, 1),

@@ -170,3 +170,9 @@ def test_onnxruntime_gpu_providers(tmp_path):
     assert trt['trt_engine_cache_path'] == str(b.root / 'engines' / 'ort-trt-fp16')
     assert trt['trt_profile_max_shapes'] == 'taps:2x4x256x64,memory:4x2048x64'
     assert trt['trt_profile_min_shapes'] == 'taps:1x4x256x64,memory:4x256x64'
+    # INT8 only where the graph carries Q/DQ (elsewhere TensorRT would want a calibration table)
+    b.manifest['components']['encoder']['int8'] = {'file': 'encoder-int8.onnx', 'inputs': COMPONENTS['encoder']}
+    avail = ['TensorrtExecutionProvider', 'CPUExecutionProvider']
+    assert E.ort_gpu_providers(b, 'encoder', 'int8', avail)[0][1]['trt_int8_enable'] is True
+    dec = E.ort_gpu_providers(b, 'decoder', 'int8', avail)[0][1]
+    assert dec['trt_int8_enable'] is False and dec['trt_fp16_enable'] is True
