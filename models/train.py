@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from .losses import pixel_loss
 from .text_features import class_text_features
 
 log = logging.getLogger(__name__)
+_MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
+_STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
 
 
 @dataclasses.dataclass
@@ -40,6 +44,7 @@ class TrainSettings:
     threads: int = 2
     checkpoint_every: int = 200
     separation_weight: float = 1.0
+    few_shot_fraction: float = 0.5
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -165,6 +170,15 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
     with torch.no_grad():
         feats = {c: class_text_features(text, c) for c in dataset.categories}
     model.prompt_learner.train(), model.llama_proj.train(), lm.train()
+    few_shot_rng = random.Random(s.seed + 7)
+
+    @functools.lru_cache(maxsize=8)
+    def memories(category: str, step: int):
+        from .synthetic import normal_image
+        img = normal_image(category, [s.seed, 9, step])
+        x = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - _MEAN) / _STD
+        return model.memory(x[None])
+
     bar = _progress(s.lm_steps, 'language', start)
     batches = _batches(dataset, s.batch, s.seed + 1, start)
     for step in range(start, s.lm_steps):
@@ -172,8 +186,13 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
         _schedule(opt, step, s.lm_steps, s.lr_lm)
         with torch.no_grad():
             emb, taps = model.visual_encoder(b['images'])
-            tf = torch.stack([feats[c] for c in b['categories']])
-            amap = model.anomaly_map(taps, tf)
+            if few_shot_rng.random() < s.few_shot_fraction:
+                # as the reference: half the batches see the few-shot map (one normal image per class)
+                amap = torch.cat([model.anomaly_map([t[i:i + 1] for t in taps], memory=memories(c, step))
+                                  for i, c in enumerate(b['categories'])])
+            else:
+                tf = torch.stack([feats[c] for c in b['categories']])
+                amap = model.anomaly_map(taps, tf)
         token = model.image_token(emb)
         prompts = model.prompt_learner(amap)
         x, mask, y = lm_batch(model, tokenizer, token, prompts, b['questions'], b['answers'])
