@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_options import add_backend_arguments
+
 
 def add_arguments(p) -> None:
     p.add_argument('--bundle', help='bundle directory (from `anomalygpt-edge export`)')
@@ -26,11 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument('--max-pending', type=int, default=8, help='requests allowed to wait for the pipeline before '
                    'the service answers 503 (default: %(default)s)')
     p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
-    p.add_argument('--precision', default='fp32', help='vision graph precision from the bundle (default: %(default)s)')
-    p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
-    p.add_argument('--threads', type=int, help='CPU threads for ONNX Runtime and llama.cpp')
-    p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's)")
-    p.add_argument('--verify', action='store_true', help='check every file sha256 against the manifest first')
+    add_backend_arguments(p)
     p.add_argument('--log-level', default='info', choices=('critical', 'error', 'warning', 'info', 'debug'))
     p.add_argument('--fake-pipeline', type=float, metavar='SECONDS', help=argparse.SUPPRESS)  # test/dry-run hook
 

@@ -28,19 +28,14 @@ import os
 import signal
 import sys
 
+from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, open_pipeline
+
 
 def add_arguments(p) -> None:
     p.add_argument('--source', required=True, metavar='SRC', help='camera index, video file, stream URL, image '
                    'folder or GStreamer pipeline (see above)')
     p.add_argument('--bundle', help='bundle directory (from `anomalygpt-edge export`)')
-    who = p.add_mutually_exclusive_group()
-    who.add_argument('--class', dest='class_name', help="product class from the bundle (e.g. bottle)")
-    who.add_argument('--describe', help='your own description sentence of a good product')
-    p.add_argument('--question', help='ask this instead of the default question')
-    p.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='normal images for few-shot mode')
-    p.add_argument('--memory', help='load a saved few-shot memory (.npz) instead of --reference')
-    p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
-    p.add_argument('--verdict-first', action='store_true', help='stop generating once Yes/No is known')
+    add_question_arguments(p)
     trig = p.add_mutually_exclusive_group()
     trig.add_argument('--every', type=int, default=1, metavar='N', help='inspect every Nth frame (default: %(default)s)')
     trig.add_argument('--on-signal', action='store_true', help='inspect the next frame after each SIGUSR1 only')
@@ -60,11 +55,7 @@ def add_arguments(p) -> None:
                    help='longest wait between reopen attempts (default: %(default)s)')
     p.add_argument('--max-retries', type=int, default=0, metavar='N',
                    help='give up after N failed attempts in a row; 0 retries forever (default: %(default)s)')
-    p.add_argument('--precision', default='fp32', help='vision graph precision from the bundle (default: %(default)s)')
-    p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
-    p.add_argument('--threads', type=int, help='CPU threads for ONNX Runtime and llama.cpp')
-    p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's)")
-    p.add_argument('--verify', action='store_true', help='check every file sha256 against the manifest first')
+    add_backend_arguments(p)
     # test/dry-run hook: a bundle-free stand-in whose inspect takes this many seconds
     p.add_argument('--fake-pipeline', type=float, metavar='SECONDS', help=argparse.SUPPRESS)
 
@@ -92,9 +83,7 @@ def build_pipeline(args):
         return FakePipeline(delay=args.fake_pipeline)
     if not args.bundle:
         raise ValueError("--bundle is required")
-    from .pipeline import Pipeline
-    return Pipeline.from_bundle(args.bundle, verify_hashes=args.verify, llm=not args.no_llm, precision=args.precision,
-                                quant=args.quant, threads=args.threads, resize_mode=args.resize)
+    return open_pipeline(args)
 
 
 def install_signals(watcher) -> dict:
@@ -137,13 +126,8 @@ def run(args) -> int:
     except (BundleError, OSError, ValueError) as e:
         return fail(e)
     try:
-        memory = None
         try:
-            if args.memory:
-                memory, _ = pipe.load_memory(args.memory)
-            elif args.reference:
-                memory = pipe.memory(args.reference)
-            pipe.resolve_class(args.class_name, args.describe)
+            memory = few_shot_memory(pipe, args)
         except (ImageError, BundleError, KeyError, ValueError) as e:
             return fail(e.args[0] if isinstance(e, KeyError) else e)
         kwargs = dict(class_name=args.class_name, describe=args.describe, question=args.question, memory=memory,

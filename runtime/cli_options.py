@@ -1,0 +1,45 @@
+"""Options and set-up shared by the device-side commands (inspect, watch, serve)."""
+from __future__ import annotations
+
+
+def add_backend_arguments(p) -> None:
+    p.add_argument('--precision', default='fp32', help='vision graph precision from the bundle (default: %(default)s)')
+    p.add_argument('--backend', choices=('onnxruntime', 'tensorrt', 'auto'), default='onnxruntime',
+                   help='vision backend; auto = TensorRT when engines for this GPU exist (default: %(default)s)')
+    p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
+    p.add_argument('--threads', type=int, help='CPU threads for ONNX Runtime and llama.cpp')
+    p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's, squash)")
+    p.add_argument('--verify', action='store_true', help='check every file sha256 against the manifest first')
+
+
+def add_question_arguments(p) -> None:
+    who = p.add_mutually_exclusive_group()
+    who.add_argument('--class', dest='class_name', help="product class from the bundle (e.g. bottle); "
+                     "default: first class named in --describe/--question, else 'object'")
+    who.add_argument('--describe', help='your own description sentence of a good product')
+    p.add_argument('--question', help='ask this instead of the default "<description> Is there any anomaly in the image?"')
+    p.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='normal images for few-shot mode')
+    p.add_argument('--memory', help='load a saved few-shot memory (.npz) instead of --reference')
+    p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
+    p.add_argument('--verdict-first', action='store_true', help='stop generating once Yes/No is known')
+
+
+def open_pipeline(args):
+    """The bundle's pipeline with the backend options; raises BundleError/OSError."""
+    from .pipeline import Pipeline
+    return Pipeline.from_bundle(args.bundle, verify_hashes=args.verify, llm=not args.no_llm, precision=args.precision,
+                                backend=args.backend, quant=args.quant, threads=args.threads, resize_mode=args.resize)
+
+
+def few_shot_memory(pipe, args, save_to: str | None = None):
+    """The few-shot memory from --memory or --reference (None for zero-shot); checks the class too.
+    Raises ImageError/BundleError/KeyError/ValueError with the file or class named."""
+    memory = None
+    if args.memory:
+        memory, _ = pipe.load_memory(args.memory)
+    elif args.reference:
+        memory = pipe.memory(args.reference)
+        if save_to:
+            pipe.save_memory(save_to, memory, pipe.resolve_class(args.class_name, args.describe))
+    pipe.resolve_class(args.class_name, args.describe)
+    return memory
