@@ -32,7 +32,7 @@ setup(
         # training side; install torch first with `pip install torch==2.13.0` (CPU) and open_clip_torch
         # with --no-deps (only its CLIP BPE vocabulary is used; see README)
         'export': ['torch>=2.4', 'transformers>=5.0', 'peft>=0.13', 'sentencepiece>=0.2', 'onnx>=1.16',
-                   'onnxscript>=0.5', 'gguf>=0.17', 'ftfy>=6.1', 'regex', 'pillow', 'tqdm'],
+                   'onnxscript>=0.5', 'gguf>=0.17', 'ftfy>=6.1', 'regex', 'pillow', 'scipy', 'tqdm'],
         'tensorrt': ['tensorrt', 'pycuda'],  # on Jetson these come with JetPack
         'gpu': ['onnxruntime-gpu'],          # replaces onnxruntime: uninstall it first
         'serve': ['fastapi', 'uvicorn', 'python-multipart'],  # `anomalygpt-edge serve`
