@@ -63,7 +63,48 @@ def _dim(d):
     return d if isinstance(d, int) else (d or '?')
 
 
-class OrtRunner:
+class NamedIO:
+    """Runners whose ``inputs``/``outputs`` map tensor names to (shape, dtype)."""
+    inputs: dict
+    outputs: dict
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+
+def check_feeds(where: str, inputs: dict, feeds: dict, kind: str = 'graph') -> dict:
+    """Feeds checked against ``inputs`` (name -> (shape, dtype); a dim is an int, -1 or a symbol such as
+    'batch' that must agree across inputs): names, ranks and static dims; float arrays cast to the
+    expected float type. Returns contiguous arrays ready to run."""
+    missing = [n for n in inputs if n not in feeds]
+    unknown = [n for n in feeds if n not in inputs]
+    if missing or unknown:
+        takes = ', '.join(f"{n} {list(s)}" for n, (s, _) in inputs.items())
+        raise RunnerError(f"{where}: inputs do not match the {kind}: missing {missing}, unknown {unknown} "
+                          f"(the {kind} takes {takes})")
+    ready, symbols = {}, {}
+    for name, (shape, dtype) in inputs.items():
+        arr = np.asarray(feeds[name])
+        if arr.ndim != len(shape) or any(isinstance(d, int) and d >= 0 and d != n for d, n in zip(shape, arr.shape)):
+            raise RunnerError(f"{where}: input {name!r} has shape {list(arr.shape)}, the {kind} expects {list(shape)}")
+        for d, n in zip(shape, arr.shape):
+            if isinstance(d, str) and d != '?' and symbols.setdefault(d, (n, name))[0] != n:
+                raise RunnerError(f"{where}: dimension {d!r} is {symbols[d][0]} in input {symbols[d][1]!r} "
+                                  f"but {n} in input {name!r}")
+        if arr.dtype != dtype:
+            if not (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(dtype), np.floating)):
+                raise RunnerError(f"{where}: input {name!r} is {arr.dtype}, the {kind} expects {np.dtype(dtype).name}")
+            arr = arr.astype(dtype)
+        ready[name] = np.ascontiguousarray(arr)
+    return ready
+
+
+class OrtRunner(NamedIO):
     """Run one ONNX graph with ONNX Runtime behind the ``VisionRunner`` protocol.
 
     ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime thread pools (None = its default);
@@ -107,50 +148,13 @@ class OrtRunner:
         self.outputs = {o.name: (tuple(_dim(d) for d in o.shape), _ORT_DTYPES.get(o.type, o.type))
                         for o in self.session.get_outputs()}
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.outputs)
-
     def check_feeds(self, feeds: dict) -> dict:
-        """Names, ranks, static dims and shared symbolic dims (e.g. one batch size) checked;
-        float arrays cast to the graph's float type. Returns the feeds ready for ONNX Runtime."""
-        missing = [n for n in self.inputs if n not in feeds]
-        unknown = [n for n in feeds if n not in self.inputs]
-        if missing or unknown:
-            raise RunnerError(f"{self.path}: inputs do not match the graph: missing {missing}, unknown {unknown} "
-                              f"(the graph takes {self._describe()})")
-        ready, symbols = {}, {}
-        for name, (shape, dtype) in self.inputs.items():
-            arr = np.asarray(feeds[name])
-            if arr.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, arr.shape)):
-                raise RunnerError(f"{self.path}: input {name!r} has shape {list(arr.shape)}, the graph expects "
-                                  f"{list(shape)}")
-            for d, s in zip(shape, arr.shape):
-                if isinstance(d, str) and d != '?':
-                    if symbols.setdefault(d, (s, name))[0] != s:
-                        raise RunnerError(f"{self.path}: dimension {d!r} is {symbols[d][0]} in input "
-                                          f"{symbols[d][1]!r} but {s} in input {name!r}")
-            if arr.dtype != dtype:
-                if not (np.issubdtype(arr.dtype, np.floating) and isinstance(dtype, type)
-                        and np.issubdtype(dtype, np.floating)):
-                    raise RunnerError(f"{self.path}: input {name!r} is {arr.dtype}, the graph expects "
-                                      f"{np.dtype(dtype).name}")
-                arr = arr.astype(dtype)
-            ready[name] = np.ascontiguousarray(arr)
-        return ready
+        return check_feeds(f"{self.path}", self.inputs, feeds, 'graph')
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ready = self.check_feeds(feeds)
         out = self.session.run(self.output_names, ready)
         return dict(zip(self.output_names, out))
-
-    def _describe(self) -> str:
-        return ', '.join(f"{n} {list(s)} {np.dtype(t).name if isinstance(t, type) else t}"
-                         for n, (s, t) in self.inputs.items())
 
     def __repr__(self) -> str:
         return f'OrtRunner({str(self.path)!r}, providers={self.providers})'

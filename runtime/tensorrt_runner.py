@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runners import RunnerError
+from .runners import NamedIO, RunnerError, check_feeds
 
 MAX_SHAPE_SETS = 8   # buffer sets kept (one per distinct input shapes: batch sizes, few-shot k)
 
@@ -32,7 +32,7 @@ def _version(trt) -> tuple[int, int]:
     return trt_major_minor(trt.__version__)
 
 
-class TrtRunner:
+class TrtRunner(NamedIO):
     """``TrtRunner('bundle/engines/<set>/encoder.engine').infer({'image': x})``."""
 
     def __init__(self, engine_path, device_id: int = 0, name: str | None = None):
@@ -72,26 +72,8 @@ class TrtRunner:
             self._ctx.pop()
         self._sets: OrderedDict = OrderedDict()
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.outputs)
-
     def check_feeds(self, feeds: dict) -> dict:
-        missing = [n for n in self.inputs if n not in feeds]
-        unknown = [n for n in feeds if n not in self.inputs]
-        if missing or unknown:
-            raise RunnerError(f"{self.path}: inputs do not match the engine: missing {missing}, unknown {unknown}")
-        ready = {}
-        for n, (shape, dtype) in self.inputs.items():
-            arr = np.asarray(feeds[n])
-            if arr.ndim != len(shape) or any(d >= 0 and d != s for d, s in zip(shape, arr.shape)):
-                raise RunnerError(f"{self.path}: input {n!r} has shape {list(arr.shape)}, the engine expects {list(shape)}")
-            ready[n] = np.ascontiguousarray(arr, dtype=dtype)
-        return ready
+        return check_feeds(f"{self.path}", self.inputs, feeds, 'engine')
 
     # -- buffers ------------------------------------------------------------------------------
     def _set_shapes(self, shapes: dict) -> None:
