@@ -83,9 +83,22 @@ def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
         epoch += 1
 
 
-def _progress(total: int, desc: str, initial: int):
+def _fit(name: str, steps: int, base_lr: float, start: int, batches, step_loss, params, opt, every: int, save) -> None:
+    """The optimisation loop of both stages: schedule, clipped step, progress bar, periodic checkpoint."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit='step', dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=name, unit='step', dynamic_ncols=True)
+    for step in range(start, steps):
+        _schedule(opt, step, steps, base_lr)
+        loss = step_loss(next(batches), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            save(step + 1)
+    bar.close()
 
 
 # -- stage 1 -----------------------------------------------------------------------------------
@@ -100,11 +113,7 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
         start = int(state['step'])
         log.info("resumed vision training at step %d", start)
     model.visual_encoder.train(), model.image_decoder.train(), text.train()
-    bar = _progress(s.vision_steps, 'vision', start)
-    batches = _batches(dataset, s.batch, s.seed, start)
-    for step in range(start, s.vision_steps):
-        b = next(batches)
-        _schedule(opt, step, s.vision_steps, s.lr_vision)
+    def step_loss(b, step):
         feats = {c: class_text_features(text, c) for c in set(b['categories'])}
         tf = torch.stack([feats[c] for c in b['categories']])
         _, taps = model.visual_encoder(b['images'])
@@ -112,16 +121,12 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
         # From random weights the normal and abnormal sentences embed almost identically (cos ~0.999),
         # which caps the decoder's logit gap at a few units; keep the two states apart.
         separation = torch.stack([f[0] @ f[1] for f in feats.values()]).clamp(min=0).mean()
-        loss = loss + s.separation_weight * separation
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vision_steps:
-            save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(), opt=opt.state_dict(), step=step + 1)
-    bar.close()
+        return loss + s.separation_weight * separation
+
+    _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start), step_loss,
+         params, opt, s.checkpoint_every,
+         lambda step: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
+                                      opt=opt.state_dict(), step=step))
     model.eval(), text.eval()
 
 
@@ -179,11 +184,7 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
         x = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - _MEAN) / _STD
         return model.memory(x[None])
 
-    bar = _progress(s.lm_steps, 'language', start)
-    batches = _batches(dataset, s.batch, s.seed + 1, start)
-    for step in range(start, s.lm_steps):
-        b = next(batches)
-        _schedule(opt, step, s.lm_steps, s.lr_lm)
+    def step_loss(b, step):
         with torch.no_grad():
             emb, taps = model.visual_encoder(b['images'])
             if few_shot_rng.random() < s.few_shot_fraction:
@@ -191,21 +192,14 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
                 amap = torch.cat([model.anomaly_map([t[i:i + 1] for t in taps], memory=memories(c, step))
                                   for i, c in enumerate(b['categories'])])
             else:
-                tf = torch.stack([feats[c] for c in b['categories']])
-                amap = model.anomaly_map(taps, tf)
-        token = model.image_token(emb)
-        prompts = model.prompt_learner(amap)
-        x, mask, y = lm_batch(model, tokenizer, token, prompts, b['questions'], b['answers'])
-        loss = lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.lm_steps:
-            save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
-    bar.close()
+                amap = model.anomaly_map(taps, torch.stack([feats[c] for c in b['categories']]))
+        x, mask, y = lm_batch(model, tokenizer, model.image_token(emb), model.prompt_learner(amap),
+                              b['questions'], b['answers'])
+        return lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
+
+    _fit('language', s.lm_steps, s.lr_lm, start, _batches(dataset, s.batch, s.seed + 1, start), step_loss,
+         params, opt, s.checkpoint_every,
+         lambda step: save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step))
     model.eval()
 
 
