@@ -212,6 +212,12 @@ def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[Anomal
         for name, p in model.llama_model.named_parameters():
             if 'lora_B' in name:
                 p.zero_()
+    # PyTorch's default (Kaiming) init for the prompt learner's convs: with std-0.02 weights the map's
+    # signal dies out over six convs, the derived prompts are constant, and the LLM learns to ignore them.
+    torch.manual_seed(seed + 3)
+    for m in model.prompt_learner.meta_net:
+        if isinstance(m, torch.nn.Conv2d):
+            m.reset_parameters()
     text = TextTower(cfg.text)
     init_random(text, seed + 2)
     return model, text
