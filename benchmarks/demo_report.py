@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                 rep = evaluate(pipe, root, k_shot=k)
                 results[f'{k}_shot'] = {'mean': rep['mean'], 'classes': rep['classes'], 'table': markdown(rep)}
                 print(f"{k}-shot\n{markdown(rep)}\n", flush=True)
+            rep = evaluate(pipe, root, llm=False)  # the calibrated decoder threshold decides (no LLM)
+            results['threshold'] = {'mean': rep['mean'], 'table': markdown(rep)}
             if args.work:
                 results['runtime_vs_reference'] = reference_agreement(pipe, args.work, root)
                 print(json.dumps(results['runtime_vs_reference']))
@@ -152,6 +154,8 @@ def model_card(results: dict, manifest: dict) -> str:
         f"{_fmt(z['location_accuracy'])} |",
         f"| 1-shot | {_fmt(o['image_auroc'])} | {_fmt(o['pixel_auroc'])} | {_fmt(o['yes_no_accuracy'])} | "
         f"{_fmt(o['location_accuracy'])} |",
+        f"| zero-shot, verdict by the calibrated map threshold (no LLM) | | | "
+        f"{_fmt(results['threshold']['mean']['yes_no_accuracy'])} | |",
         '',
         'Per class, zero-shot:',
         '',

@@ -110,6 +110,8 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
             labels.append(int(s.anomalous))
             maps.append(res.anomaly_map)
             masks.append(gt)
+            if not llm and res.verdict in ('yes', 'no'):  # a calibrated threshold's verdict (LLM-free mode)
+                correct.append((res.verdict == 'yes') == s.anomalous)
             if llm:
                 correct.append(reference_correct(res.answer, s.anomalous))
                 n_regions, _ = cv2.connectedComponents(gt)
