@@ -86,6 +86,9 @@ def markdown(report: dict) -> str:
                 a = v.get('at_target')
                 if not a:
                     continue
+                if a.get('invalid'):
+                    lines.append(f"| {label} {name} | {a['invalid']} | | | | | |")
+                    continue
                 c = ceil.get(name, {}).get('at_target') if group != 'baseline' else None
                 lines.append(f"| {label} {name} | {_ms(a['prefill_ms']['value'])} | {_ms(a['verdict_ms']['value'])} | "
                              f"{_ms(a['answer_ms']['value'])} | {a['decode_tok_s']:.2f} | "
@@ -94,7 +97,7 @@ def markdown(report: dict) -> str:
                              f"{_ms(a['answer_ms']['value'])} | {a['decode_tok_s']:.2f} | – | – |")
         if ceil:
             lines += ['', f"Memory bandwidth measured in this run: {ceil['bandwidth_gb_s']:.1f} GB/s "
-                          f"({report['bandwidth']['start']['method']}); bytes per token = {ceil['bytes_definition']}."]
+                          f"(best of the run's readings; {report['bandwidth']['start']['method']}); bytes per token = {ceil['bytes_definition']}."]
         lines.append('')
     if report.get('chain'):
         lines += ['### Whole chain (vision measured end to end + LLM at the target depth)', '',
@@ -138,7 +141,7 @@ def plot(report: dict, path) -> Path:
     llm = report.get('llm') or {}
     for group, label in (('ours', 'session'), ('raw_llama_cpp', 'raw'), ('baseline', '')):
         for name, v in llm.get(group, {}).items():
-            if 'at_target' in v:
+            if v.get('at_target', {}).get('decode_tok_s'):
                 labels.append(f'{label} {name}'.strip())
                 values.append(v['at_target']['decode_tok_s'])
     ax.bar(labels, values, color='tab:blue')

@@ -124,12 +124,19 @@ def _at_target(by_layers: dict, target: int) -> dict:
     res = {}
     for m in METRICS:
         res[m] = extrapolate(xs, [by_layers[x][m]['median'] for x in xs], target)
-    res['decode_tok_s'] = 1e3 / res['decode_ms_per_token']['value']
     res['extrapolated'] = res['prefill_ms']['extrapolated']
+    bad = [m for m in METRICS if not res[m]['value'] > 0 or res[m].get('fit', {}).get('b', 1) < 0]
+    if bad:
+        # a deeper model measured faster than a shallower one: the runs were disturbed (another
+        # process on the cores); a figure from such a fit would be fiction, so none is given
+        res['invalid'] = f"fit not increasing with layers for {bad}: measurements disturbed; rerun on a quiet machine"
+        res['decode_tok_s'] = None
+    else:
+        res['decode_tok_s'] = 1e3 / res['decode_ms_per_token']['value']
     return res
 
 
-def run_llm(opts: BenchOptions, cfg, bundle, tok_dir, work: Path) -> dict:
+def run_llm(opts: BenchOptions, cfg, bundle, tok_dir, work: Path, save=lambda _res: None) -> dict:
     import torch
 
     from ..runtime.llama_session import LlamaSession
@@ -183,6 +190,7 @@ def run_llm(opts: BenchOptions, cfg, bundle, tok_dir, work: Path) -> dict:
                     path, layout.n_positions, opts.threads, seed=opts.seed, progress=bar, **kw)
         if bundle is None:
             shutil.rmtree(work / f'llm-{n}', ignore_errors=True)
+        save(res)
         torch.set_num_threads(opts.threads)
     for group in ('ours', 'raw_llama_cpp', 'baseline'):
         for variant in res[group].values():
@@ -206,7 +214,7 @@ def ceiling(llm: dict, bandwidth_gb_s: float) -> dict:
             tok_s = llm['ours'][q]['by_layers'][n]['decode_tok_s']
             cap = bandwidth_gb_s * 1e9 / b['tensors']
             entry[str(n)] = {'bytes': b['tensors'], 'ceiling_tok_s': cap, 'decode_tok_s': tok_s, 'fraction': tok_s / cap}
-        if 'at_target' in by and 'at_target' in llm['ours'][q]:
+        if 'at_target' in by and llm['ours'][q].get('at_target', {}).get('decode_tok_s'):
             b = by['at_target']['tensors']
             tok_s = llm['ours'][q]['at_target']['decode_tok_s']
             cap = bandwidth_gb_s * 1e9 / b
@@ -227,7 +235,7 @@ def chain(vision: dict | None, llm: dict | None) -> dict:
     pairs += [(f'baseline:{v}+hf_{v.split("_", 1)[1]}', vision['baseline'][v], llm['baseline'][f'hf_{v.split("_", 1)[1]}'])
               for v in vision['baseline'] if f'hf_{v.split("_", 1)[1]}' in llm['baseline']]
     for name, vis, lm in pairs:
-        if 'at_target' not in lm:
+        if not _valid(lm):
             continue
         t = lm['at_target']
         v = vis['stages_ms']
@@ -238,6 +246,10 @@ def chain(vision: dict | None, llm: dict | None) -> dict:
                      'answer_ms': v['chain']['median'] + t['answer_ms']['value'],
                      'decode_tok_s': t['decode_tok_s'], 'llm_extrapolated': t['extrapolated']}
     return out
+
+
+def _valid(variant: dict) -> bool:
+    return 'at_target' in variant and 'invalid' not in variant['at_target']
 
 
 def _ratio(metric, ours_name, base_name, ours_v, base_v, unit) -> dict:
@@ -256,10 +268,10 @@ def ratios(vision: dict | None, llm: dict | None, chains: dict) -> list[dict]:
     if llm:
         for group in ('ours', 'raw_llama_cpp'):
             for q, ov in llm[group].items():
-                if 'at_target' not in ov:
+                if not _valid(ov):
                     continue
                 for b, bv in llm['baseline'].items():
-                    if 'at_target' not in bv:
+                    if not _valid(bv):
                         continue
                     name = q if group == 'ours' else f'raw:{q}'
                     for m in ('prefill_ms', 'verdict_ms', 'answer_ms'):
@@ -268,7 +280,7 @@ def ratios(vision: dict | None, llm: dict | None, chains: dict) -> list[dict]:
                                       bv['at_target']['decode_tok_s'], 'tok/s'))
         for q, ov in llm['ours'].items():
             raw = llm['raw_llama_cpp'].get(q)
-            if raw and 'at_target' in ov and 'at_target' in raw:
+            if raw and _valid(ov) and _valid(raw):
                 out.append(_ratio('llm.decode_tok_s', q, f'raw:{q}', ov['at_target']['decode_tok_s'],
                                   raw['at_target']['decode_tok_s'], 'tok/s'))
                 out.append(_ratio('llm.prefill_ms', q, f'raw:{q}', ov['at_target']['prefill_ms']['value'],
@@ -332,7 +344,8 @@ def run_bench(opts: BenchOptions) -> dict:
         gc.collect()
         if opts.llm:
             report['bandwidth']['before_llm'] = memory_bandwidth(opts.threads)
-            report['llm'] = run_llm(opts, cfg, bundle, tok, work)
+            report['llm'] = run_llm(opts, cfg, bundle, tok, work,
+                                    lambda res: save({**report, 'llm': res, 'partial': 'LLM in progress'}))
             report['bandwidth']['end'] = memory_bandwidth(opts.threads)
             # the best reading of the run: a ceiling should not be lowered by a noisy sample
             bw = max(b['read_gb_s'] for b in report['bandwidth'].values())

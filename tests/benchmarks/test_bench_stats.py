@@ -96,3 +96,34 @@ def test_prompt_layout_counts_and_stretches_positions():
     assert stretched.n_positions == 100
     with pytest.raises(ValueError, match='shorter'):
         prompt_layout(tokenize, 1, 'q', positions=5)
+
+
+def _variant(prefill_2, prefill_4):
+    def run(p):
+        return {m: {'median': v} for m, v in (('prefill_ms', p), ('decode_ms_per_token', 10.0 + p / 100),
+                                               ('verdict_ms', p + 20.0), ('answer_ms', p + 240.0))}
+    return {'by_layers': {2: run(prefill_2), 4: run(prefill_4)}}
+
+
+def test_a_fit_that_falls_with_depth_is_flagged_not_reported():
+    from anomalygpt_edge.benchmarks.latency import _at_target, ratios
+    good = _variant(100.0, 200.0)
+    good['at_target'] = _at_target(good['by_layers'], 32)
+    assert 'invalid' not in good['at_target'] and good['at_target']['extrapolated']
+    assert good['at_target']['prefill_ms']['value'] == pytest.approx(1600.0)
+    bad = _variant(300.0, 200.0)  # the deeper model "faster": disturbed runs
+    bad['at_target'] = _at_target(bad['by_layers'], 32)
+    assert 'invalid' in bad['at_target'] and bad['at_target']['decode_tok_s'] is None
+    llm = {'ours': {'q4_k_m': good}, 'raw_llama_cpp': {}, 'baseline': {'hf_fp32': bad}}
+    assert ratios(None, llm, {}) == []  # nothing is compared with a fiction
+    llm['baseline']['hf_fp32'] = good
+    assert {r['metric'] for r in ratios(None, llm, {})} == {'llm.prefill_ms', 'llm.verdict_ms', 'llm.answer_ms',
+                                                            'llm.decode_tok_s'}
+
+
+def test_bandwidth_probe_reports_every_kernel():
+    from anomalygpt_edge.benchmarks.machine import memory_bandwidth
+    bw = memory_bandwidth(threads=1, mib_per_thread=8, repeats=2)
+    assert set(bw['kernels']) == {'max', 'dot', 'copy'}
+    assert bw['read_gb_s'] == max(k['best'] for k in bw['kernels'].values())
+    assert bw['kernel'] in bw['kernels']
