@@ -73,6 +73,9 @@ def test_oversized_uploads_get_413(service):
     assert r.status_code == 413 and str(LIMIT) in r.json()['detail']
 
     def chunks():  # no Content-Length: the limit must hold on the bytes actually received
+        # a well-formed part header, so the parser keeps reading the oversized file body
+        yield (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               b'Content-Type: image/png\r\n\r\n')
         for _ in range(LIMIT // 8192 + 4):
             yield b'x' * 8192
     r = client.post('/inspect', content=chunks(), headers={'content-type': 'multipart/form-data; boundary=b'})
