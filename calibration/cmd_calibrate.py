@@ -71,14 +71,18 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
     from ..runtime.pipeline import Pipeline
     from ..runtime.runners import OrtRunner
     from .bundle_update import update_bundle
-    from .data_reader import ImageBatches
+    from .data_reader import CalibrationError, ImageBatches
     from .gate import accuracy_gate
     from .int8 import INT8_TOLERANCE, QuantizeOptions, int8_file, quantize_onnx
 
     bundle = Bundle.open(bundle_dir, verify_hashes=True)
     fp32 = bundle.component('encoder', 'fp32')
+    # the histogram calibrators (entropy, percentile) stack every batch's activations, so all batches
+    # must have one size: a short last batch would make ONNX Runtime fail on a ragged array
     batches = ImageBatches.from_folder(images, bundle, recursive, batch_size=batch_size, seed=seed,
-                                       max_images=max_images)
+                                       max_images=max_images, drop_last=method != 'minmax')
+    if batches.n_used == 0:
+        raise CalibrationError(f"{images}: {len(batches.paths)} images, fewer than one batch of {batch_size}")
     opts = QuantizeOptions(method=method, percentile=percentile, target=target, quantize_attention=quantize_attention)
     name = int8_file('encoder')
     with tempfile.TemporaryDirectory(prefix=f'.{bundle.root.name}.int8-', dir=bundle.root.parent) as work:
@@ -141,7 +145,7 @@ def _trt_legacy(args) -> int:
     from ..runtime import engines as E
     from ..runtime.bundle import Bundle
     from ..runtime.cmd_build_engines import build_engines
-    from .data_reader import ImageBatches
+    from .data_reader import CalibrationError, ImageBatches
     from .trt_calibrator import entropy_calibrator, legacy_supported
     device = E.device_info()
     if not legacy_supported(device.trt_version):

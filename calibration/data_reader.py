@@ -62,6 +62,12 @@ class ImageBatches:
         self.cfg = preprocess_cfg
         self.resize_mode = resize_mode or preprocess_cfg['resize']
 
+    @property
+    def n_used(self) -> int:
+        """Images the batches actually contain (a short last batch is left out with ``drop_last``)."""
+        n = len(self.paths)
+        return n - n % self.batch_size if self.drop_last else n
+
     @classmethod
     def from_folder(cls, folder, bundle: Bundle, recursive: bool = False, **kwargs) -> "ImageBatches":
         return cls(list_images(folder, recursive), bundle.manifest['preprocess'], **kwargs)

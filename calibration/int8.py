@@ -157,4 +157,4 @@ def quantize_onnx(src, dst, batches: ImageBatches, component: str = 'encoder', i
         shutil.rmtree(staging, ignore_errors=True)
     log.info("%s -> %s: %d Q/DQ pairs, %d nodes kept FP32", src.name, dst.name, n_q, len(exclude))
     return {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude),
-            'calibration': {**opts.to_dict(), 'n_images': len(batches.paths), 'batch_size': batches.batch_size}}
+            'calibration': {**opts.to_dict(), 'n_images': batches.n_used, 'batch_size': batches.batch_size}}

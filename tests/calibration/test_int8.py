@@ -122,3 +122,13 @@ def test_gate_refuses_a_bad_calibration_and_leaves_the_bundle_alone(tiny_bundle,
     worst = max(m['drop_points'] for m in rep['modes'].values())
     assert worst > MAX_DROP + 2
     assert rep['map_mean_abs'] > 0.02        # the default map limit would have refused it as well
+
+
+def test_histogram_calibration_with_a_short_last_batch(tiny_bundle, data, tmp_path):
+    """Entropy/percentile calibrators stack every batch's activations; 6 images in batches of 4 used to
+    crash ONNX Runtime on the ragged last batch. The short batch is now dropped."""
+    bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
+    calibrate_int8(bdir, data['normals'], data['mvtec'], method='percentile', batch_size=4, max_images=6,
+                   max_drop=100.0, max_map_mae=1.0, log=lambda *_: None)
+    calib = Bundle.open(bdir).component('encoder', 'int8')['quantization']['calibration']
+    assert calib['method'] == 'percentile' and calib['n_images'] == 4
