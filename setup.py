@@ -27,6 +27,7 @@ setup(
         'opencv-python-headless>=4.8',
         'onnxruntime>=1.18',
         'llama-cpp-python==0.3.36',  # the low-level API (llama_batch with embeddings) is tested against this version
+        'gguf>=0.17',                # reads the GGUF's token-embedding rows: the prompt goes to llama.cpp as one batch
     ],
     extras_require={
         # training side; install torch first with `pip install torch==2.13.0` (CPU) and open_clip_torch

@@ -25,7 +25,7 @@ import numpy as np
 from .bench_stats import PeakRSS, summarize
 
 EMBED_SCALE = 0.02  # the HF initializer range: random embeddings of the size token rows have
-VERDICT_STEPS = 2   # the pipeline knows the verdict after evaluating "Yes" and the character after it
+VERDICT_STEPS = 1   # the verdict is known once "Yes" is evaluated and the token after it chosen (not evaluated)
 
 
 @dataclasses.dataclass
@@ -116,36 +116,40 @@ def _decode_stats(prefill: list, steps: list[list[float]], answer_tokens: int) -
 
 
 def bench_session(path, layout: Layout, threads: int, runs: int, warmup: int, n_decode: int,
-                  answer_tokens: int, n_ctx: int = 2048, seed: int = 0, progress=None) -> dict:
+                  answer_tokens: int, n_ctx: int = 2048, seed: int = 0, progress=None, one_batch: bool = False,
+                  **session_kwargs) -> dict:
+    """``one_batch``: the prompt as one embedding batch (``LlamaSession.eval_segments``), else one call
+    per segment; ``session_kwargs`` go to ``LlamaSession`` (repack, flash_attn, n_ubatch ...)."""
     from ..runtime.llama_session import LlamaSession
     with PeakRSS() as load:
-        s = LlamaSession(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads)
+        s = LlamaSession(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, **session_kwargs)
     embeds = random_embeds(layout, s.n_embd, seed)
+    segments = [seg if seg[0] == 'tokens' else ('embeds', embeds[k]) for k, seg in enumerate(layout.segments)]
+    if one_batch:
+        s.token_embeddings(sorted({t for seg in layout.segments if seg[0] == 'tokens' for t in seg[1]}))  # cached rows
     prefill, steps = [], []
     with PeakRSS() as run, s:
         for i in range(warmup + runs):
             s.reset()
             t0 = time.perf_counter()
-            for k, seg in enumerate(layout.segments):
-                if seg[0] == 'tokens':
-                    s.eval_tokens(seg[1])
-                else:
-                    s.eval_embeddings(embeds[k])
+            s.eval_segments(segments, one_batch=one_batch)
             t1 = time.perf_counter()
             stamps = [t1]
             # no stop strings: random weights would stop anywhere; a fixed length is what is timed
-            s.generate(n_decode, stop=(), on_token=lambda _i, _t: stamps.append(time.perf_counter()) and False)
-            if len(stamps) < answer_tokens + 1:
+            # (the first token comes from the prefill's logits; each later one costs one decode)
+            s.generate(n_decode + 1, stop=(), on_token=lambda _i, _t: stamps.append(time.perf_counter()) and False)
+            if len(stamps) < answer_tokens + 2:
                 raise RuntimeError(f"{path}: generation ended after {len(stamps) - 1} tokens (EOS from random "
                                    f"weights); rerun with another --seed")
             if i >= warmup:
                 prefill.append((t1 - t0) * 1e3)
-                steps.append(list(np.diff(stamps) * 1e3))
+                steps.append(list(np.diff(stamps[1:]) * 1e3))
             if progress is not None:
                 progress.update(1)
     out = _decode_stats(prefill, steps, answer_tokens)
     out['rss_mb'] = {'load': load.to_dict(), 'run': run.to_dict()}
-    out['prefill_batches'] = len(layout.segments)
+    out['prefill_batches'] = 1 if one_batch else len(layout.segments)
+    out['settings'] = {'one_batch': one_batch, **session_kwargs}
     return out
 
 

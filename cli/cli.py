@@ -26,7 +26,7 @@ SUBCOMMANDS = {
 }
 
 # packages a subcommand may need that a runtime-only install lacks
-OPTIONAL = {'torch', 'transformers', 'peft', 'onnx', 'onnxscript', 'gguf', 'sentencepiece', 'tensorrt', 'pycuda',
+OPTIONAL = {'torch', 'transformers', 'peft', 'onnx', 'onnxscript', 'sentencepiece', 'tensorrt', 'pycuda',
             'sklearn', 'matplotlib', 'PIL', 'ftfy', 'regex', 'fastapi', 'uvicorn', 'multipart', 'tqdm'}
 
 EXIT_CODES = """exit codes:

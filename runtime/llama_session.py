@@ -25,10 +25,12 @@ class LlamaError(RuntimeError):
 
 class LlamaSession:
     def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_threads_batch: int | None = None, n_batch: int = 512, exact: bool = False,
-                 repack: bool = False, verbose: bool = False):
+                 n_threads_batch: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
+                 exact: bool = False, repack: bool = False, flash_attn: bool | None = None,
+                 verbose: bool = False):
         """``exact``: F32 KV cache and flash attention off (parity with PyTorch to ~1e-5);
-        ``repack``: llama.cpp's CPU weight repacking (faster decode, slower prefill, ~2x peak RSS)."""
+        ``repack``: llama.cpp's CPU weight repacking (faster decode, slower prefill, ~2x peak RSS);
+        ``flash_attn``: None leaves llama.cpp's choice (auto); ``n_ubatch``: physical batch (default n_batch)."""
         self.path = Path(gguf_path)
         self._model = self._ctx = None
         self._batches = []
@@ -49,10 +51,13 @@ class LlamaSession:
         threads = n_threads or max(1, os.cpu_count() or 1)
         cparams = L.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_ubatch or n_batch, n_batch)
         cparams.n_threads = threads
         cparams.n_threads_batch = n_threads_batch or threads
         cparams.no_perf = True
+        if flash_attn is not None:
+            cparams.flash_attn_type = 1 if flash_attn else 0
         if exact:
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
             cparams.flash_attn_type = 0          # disabled
@@ -71,7 +76,9 @@ class LlamaSession:
         self.n_past = 0
         self.history: list[int | None] = []
         self._has_logits = False
-        self._embd_reader = None
+        self._pending: int | None = None  # the last generated token, chosen but not yet evaluated
+        self._embd_table = None
+        self._embd_rows: dict[int, np.ndarray] = {}
 
     # -- facts of the model -----------------------------------------------------------------
     @property
@@ -143,8 +150,14 @@ class LlamaSession:
         self.n_past += n
         self._has_logits = True
 
+    def _flush(self) -> None:
+        if self._pending is not None:
+            token, self._pending = self._pending, None
+            self.eval_tokens([token])
+
     def eval_tokens(self, ids: Sequence[int]) -> None:
         """Append token ids at ``n_past`` (split into ``n_batch``-sized batches)."""
+        self._flush()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self._n_vocab]
         if bad:
@@ -158,6 +171,7 @@ class LlamaSession:
 
     def eval_embeddings(self, embeds) -> None:
         """Append input embeddings ``[n, n_embd]`` (float32) at ``n_past``."""
+        self._flush()
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         if embeds.ndim == 1:
             embeds = embeds[None]
@@ -169,8 +183,33 @@ class LlamaSession:
             self._decode(self._emb_batch, len(chunk))
             self.history.extend([None] * len(chunk))
 
+    def eval_segments(self, segments, one_batch: bool = True) -> None:
+        """Append a mixed prompt: ``('tokens', ids)`` and ``('embeds', array [n, n_embd])`` segments in order.
+
+        ``one_batch`` sends it all as embeddings (token positions as rows of the model's own
+        token-embedding table), so llama.cpp reads the weights once per ``n_batch`` positions instead of
+        once per segment; the KV cache and logits are the same as token-by-segment evaluation (LLaMA
+        looks tokens up in that table and scales nothing)."""
+        segments = [(kind, list(v) if kind == 'tokens' else np.asarray(v, dtype=np.float32).reshape(-1, self._n_embd))
+                    for kind, v in segments if len(v)]
+        if not one_batch or len(segments) == 1:
+            for kind, v in segments:
+                self.eval_tokens(v) if kind == 'tokens' else self.eval_embeddings(v)
+            return
+        parts, history = [], []
+        for kind, v in segments:
+            if kind == 'tokens':
+                parts.append(self.token_embeddings(v))
+                history.extend(int(i) for i in v)
+            else:
+                parts.append(v)
+                history.extend([None] * len(v))
+        self.eval_embeddings(np.concatenate(parts))
+        self.history[len(self.history) - len(history):] = history
+
     def logits(self) -> np.ndarray:
-        """``[n_vocab]`` float32 copy of the logits of the last evaluated position."""
+        """``[n_vocab]`` float32 copy of the logits of the last position (after the last generated token)."""
+        self._flush()
         if not self._has_logits:
             raise LlamaError("no logits: nothing has been evaluated since the session was opened, reset or truncated")
         ptr = self._L.llama_get_logits_ith(self._ctx, -1)
@@ -182,6 +221,7 @@ class LlamaSession:
         """Drop KV positions >= n (keep a cached prefix of n positions)."""
         if not 0 <= n <= self.n_past:
             raise LlamaError(f"cannot truncate to {n}: {self.n_past} positions are in the cache")
+        self._pending = None
         if n == self.n_past:
             return
         if not self._L.llama_memory_seq_rm(self._mem, 0, n, -1):
@@ -192,6 +232,7 @@ class LlamaSession:
 
     def reset(self) -> None:
         self._L.llama_memory_clear(self._mem, True)
+        self._pending = None
         self.n_past = 0
         self.history = []
         self._has_logits = False
@@ -199,19 +240,21 @@ class LlamaSession:
     # -- generation ---------------------------------------------------------------------------
     def generate(self, max_new_tokens: int = 128, stop: Sequence[str] = ('##',),
                  on_token: Callable[[int, str], bool | None] | None = None) -> tuple[list[int], str]:
-        """Greedy continuation of what is in the cache. Each chosen token is evaluated into the
-        cache (a follow-up turn continues from it); EOS ends generation and is neither evaluated nor
-        returned. Stops once the generated text contains a ``stop`` string, or when ``on_token(id,
-        text_so_far)`` returns True. Returns (ids, raw generated text)."""
+        """Greedy continuation of what is in the cache. Stops once the generated text contains a
+        ``stop`` string, when ``on_token(id, text_so_far)`` returns True, at EOS (neither evaluated nor
+        returned) or after ``max_new_tokens``. The last token returned is evaluated only when something
+        asks for what follows it (``logits``, ``eval_*``, another ``generate``); until then ``n_past``
+        and ``history`` do not count it, and ``truncate``/``reset`` drop it. So a verdict known from
+        the token after "Yes" costs one decode step, not two. Returns (ids, raw generated text)."""
         ids: list[int] = []
         text = ''
         eos = self.eos_id
         for _ in range(max_new_tokens):
-            nxt = int(np.argmax(self.logits()))
+            nxt = int(np.argmax(self.logits()))  # evaluates the previous token first
             if nxt == eos:
                 break
             ids.append(nxt)
-            self.eval_tokens([nxt])
+            self._pending = nxt
             text = self.detokenize(ids)
             if any(s in text for s in stop):
                 break
@@ -219,26 +262,39 @@ class LlamaSession:
                 break
         return ids, text
 
-    # -- optional: token-embedding rows (send a whole prompt as one embedding batch) ------------
+    # -- token-embedding rows (send a whole prompt as one embedding batch) ----------------------
     def token_embeddings(self, ids: Sequence[int]) -> np.ndarray:
-        """Rows of the model's token-embedding table, ``[len(ids), n_embd]`` float32, read from the
-        same GGUF file. Needs the ``gguf`` package (not a runtime dependency) for quantized tables."""
-        if self._embd_reader is None:
-            try:
+        """Rows of the model's token-embedding table, ``[len(ids), n_embd]`` float32, read (memory-mapped)
+        from the same GGUF file and dequantized as llama.cpp's row lookup does; rows are cached, since
+        a line camera asks the same prompt text every frame."""
+        missing = sorted({int(i) for i in ids} - self._embd_rows.keys())
+        if missing:
+            bad = [i for i in missing if not 0 <= i < self._n_vocab]
+            if bad:
+                raise LlamaError(f"token ids out of range [0, {self._n_vocab}): {bad[:8]}")
+            if self._embd_table is None:
+                self._embd_table = self._open_embd_table()
+            data, qtype = self._embd_table
+            rows = np.asarray(data[np.asarray(missing, dtype=np.int64)])
+            if rows.dtype not in (np.float32, np.float16):
                 import gguf
-            except ImportError as e:
-                raise LlamaError("token_embeddings() needs the gguf package (pip install gguf)") from e
-            reader = gguf.GGUFReader(self.path)
-            t = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
-            if t is None:
-                raise LlamaError(f"{self.path}: no token_embd.weight tensor")
-            self._embd_reader = (t.data, t.tensor_type)
-        data, qtype = self._embd_reader
-        rows = np.asarray(data[np.asarray(ids, dtype=np.int64)])
-        if rows.dtype in (np.float32, np.float16):
-            return rows.astype(np.float32)
+                rows = gguf.quants.dequantize(rows, qtype)
+            rows = rows.astype(np.float32).reshape(len(missing), self._n_embd)
+            self._embd_rows.update(zip(missing, rows))
+        if not len(ids):
+            return np.zeros((0, self._n_embd), np.float32)
+        return np.stack([self._embd_rows[int(i)] for i in ids])
+
+    def _open_embd_table(self):
         import gguf
-        return gguf.quants.dequantize(rows, qtype).astype(np.float32).reshape(len(ids), self._n_embd)
+        try:
+            reader = gguf.GGUFReader(self.path)
+        except (ValueError, OSError) as e:
+            raise LlamaError(f"{self.path}: cannot read the token-embedding table ({e})") from None
+        t = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
+        if t is None:
+            raise LlamaError(f"{self.path}: no token_embd.weight tensor")
+        return t.data, t.tensor_type
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:

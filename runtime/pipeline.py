@@ -54,6 +54,9 @@ class Result:
         return d
 
 
+PREFILL_MODES = ('one-batch', 'segments')
+
+
 class _Timer:
     def __init__(self, timings: dict, name: str):
         self.timings, self.name = timings, name
@@ -70,7 +73,14 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, precision: str = 'fp32', backend: str = 'onnxruntime',
                  llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = 2048,
-                 exact_llm: bool = False, resize_mode: str | None = None, max_new_tokens: int = 128):
+                 exact_llm: bool = False, resize_mode: str | None = None, max_new_tokens: int = 128,
+                 prefill: str = 'one-batch', repack: bool = False):
+        """``prefill``: 'one-batch' sends each prompt to llama.cpp as one embedding batch (token rows from
+        the GGUF's own table), 'segments' as one call per token/embedding segment (benchmarks/README:
+        one batch is faster, same answers); ``repack``: llama.cpp's CPU weight repacking."""
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
+        self.one_batch_prefill = prefill == 'one-batch'
         self.bundle = bundle
         m = bundle.manifest
         self.pre = m['preprocess']
@@ -87,7 +97,7 @@ class Pipeline:
         self.session = None
         self._kv_keys: list = []  # what occupies each KV position: token id, or (kind, image key, i)
         if llm:
-            self.session = self._llm_session(quant, threads, n_ctx, exact_llm)
+            self.session = self._llm_session(quant, threads, n_ctx, exact_llm, repack)
 
     @classmethod
     def from_bundle(cls, path, verify_hashes: bool = False, **kwargs) -> "Pipeline":
@@ -119,7 +129,7 @@ class Pipeline:
         providers = ort_gpu_providers(self.bundle, name, precision, available_providers())
         return OrtRunner(path, providers=providers, intra_op_threads=threads)
 
-    def _llm_session(self, quant, threads, n_ctx, exact):
+    def _llm_session(self, quant, threads, n_ctx, exact, repack):
         llm = self.bundle.llm
         if not llm:
             raise BundleError(f"{self.bundle.root}: the bundle has no LLM (run with llm=False / --no-llm)")
@@ -128,7 +138,7 @@ class Pipeline:
             raise BundleError(f"{self.bundle.root}: no {quant!r} GGUF in the bundle (it has {sorted(llm['files'])})")
         from .llama_session import LlamaSession
         return LlamaSession(self.bundle.path(llm['files'][quant]), n_ctx=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, exact=exact)
+                            n_threads_batch=threads, exact=exact, repack=repack)
 
     def close(self):
         if self.session is not None:
@@ -243,17 +253,15 @@ class Pipeline:
             common -= 1  # re-evaluate the last position so its logits are current
         s.truncate(common)
         self._kv_keys = have[:common]
-        pos = 0
+        pos, todo = 0, []
+        for seg in segments:
+            n = len(seg[1])
+            lo = max(common - pos, 0)
+            if lo < n:
+                todo.append((seg[0], seg[1][lo:]))
+            pos += n
         try:
-            for seg in segments:
-                n = len(seg[1])
-                lo = max(common - pos, 0)
-                if lo < n:
-                    if seg[0] == 'tokens':
-                        s.eval_tokens(list(seg[1])[lo:])
-                    else:
-                        s.eval_embeddings(np.ascontiguousarray(seg[1][lo:], dtype=np.float32))
-                pos += n
+            s.eval_segments(todo, one_batch=self.one_batch_prefill)
         except Exception:
             s.reset()  # the cache no longer matches any known prompt: start clean next time
             self._kv_keys = []

@@ -87,8 +87,9 @@ def test_generate_stops_and_keeps_the_cache(tiny_gguf_f32, prompt):
         run(s, ids, embeds)
         start = s.n_past
         free_ids, free_text = s.generate(20, stop=())
-        assert len(free_ids) == 20 and s.n_past == start + 20  # every chosen token is in the cache
-        assert s.history[start:] == free_ids
+        # every chosen token but the last is in the cache: the last one is never needed for a logit
+        assert len(free_ids) == 20 and s.n_past == start + 19
+        assert s.history[start:] == free_ids[:-1]
         assert free_text == s.detokenize(free_ids)
         texts = [s.detokenize(free_ids[:j]) for j in range(21)]
     # a stop string ends generation at the first token after which the text contains it
@@ -103,6 +104,11 @@ def test_generate_stops_and_keeps_the_cache(tiny_gguf_f32, prompt):
         seen = []
         got, _ = s.generate(20, stop=(), on_token=lambda t, txt: seen.append((t, txt)) or len(seen) == 3)
         assert got == free_ids[:3] and seen == [(free_ids[j], texts[j + 1]) for j in range(3)]
+        # stopping at the third token cost two decode steps (the third was chosen, not evaluated)
+        assert s.n_past == start + 2
+        # and the session continues exactly where a free run would have gone
+        more, _ = s.generate(5, stop=())
+        assert more == free_ids[3:8]
 
 
 def test_generate_stops_at_eos_without_evaluating_it(tmp_path, tiny_gguf_f32, tiny_model, tiny_tokenizer_dir, prompt):
@@ -176,3 +182,43 @@ def test_session_module_is_torch_free():
             "if n in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope='module')
+def tiny_gguf_quantized(tmp_path_factory, tiny_model, tiny_tokenizer_dir):
+    from anomalygpt_edge.export.llm_export import export_llm
+    out = tmp_path_factory.mktemp('gguf_q')
+    export_llm(tiny_model.llama_model, tiny_tokenizer_dir, out, quants=('q8_0', 'q4_k_m'))
+    return {q: out / f'llm-{q}.gguf' for q in ('q8_0', 'q4_k_m')}
+
+
+@pytest.mark.parametrize('quant', ['f32', 'q8_0', 'q4_k_m'])
+def test_one_batch_prompt_equals_segment_by_segment(tiny_gguf_f32, tiny_gguf_quantized, prompt, quant):
+    """The whole prompt as one embedding batch (token rows from the GGUF's own, possibly quantized,
+    table) gives the logits, history and greedy continuation of feeding each segment in turn."""
+    pytest.importorskip('gguf')
+    path = tiny_gguf_f32 if quant == 'f32' else tiny_gguf_quantized[quant]
+    ids, embeds = prompt
+    segments = [('tokens', ids), ('embeds', embeds), ('tokens', ids[1:6]), ('embeds', embeds[:2]), ('tokens', [])]
+    results = {}
+    for one_batch in (False, True):
+        with LlamaSession(path, n_ctx=256, exact=True) as s:
+            s.eval_segments(segments, one_batch=one_batch)
+            n_past, history, logits = s.n_past, list(s.history), s.logits()
+            results[one_batch] = (n_past, history, logits, s.generate(12, stop=())[0])
+    (n0, h0, l0, g0), (n1, h1, l1, g1) = results[False], results[True]
+    assert n0 == n1 == len(ids) + len(embeds) + 5 + 2
+    assert h0 == h1 and h1[:len(ids)] == ids and h1[len(ids)] is None
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-4 * max(1.0, float(np.abs(l0).max())))
+    assert g1 == g0
+
+
+def test_token_rows_are_cached_and_checked(tiny_gguf_f32):
+    pytest.importorskip('gguf')
+    with LlamaSession(tiny_gguf_f32, n_ctx=256) as s:
+        a = s.token_embeddings([3, 4, 3])
+        assert a.shape == (3, 64) and np.array_equal(a[0], a[2]) and not np.array_equal(a[0], a[1])
+        assert set(s._embd_rows) == {3, 4}
+        assert s.token_embeddings([]).shape == (0, 64)
+        with pytest.raises(LlamaError, match='out of range'):
+            s.token_embeddings([s.n_vocab])

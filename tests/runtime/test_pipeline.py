@@ -132,3 +132,16 @@ def test_memory_save_and_reload(pipeline, images, tmp_path):
     a = pipeline.inspect(images[0], class_name='bottle', memory=loaded, llm=False)
     b = pipeline.inspect(images[0], class_name='bottle', references=images[1:3], llm=False)
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_segment_prefill_gives_the_same_answers(tiny_bundle, pipeline, images):
+    """The one-batch prefill (the default) and one llama.cpp call per segment answer alike."""
+    assert pipeline.one_batch_prefill
+    with Pipeline.from_bundle(tiny_bundle, exact_llm=True, max_new_tokens=24, threads=1, prefill='segments') as seg:
+        for path in images[:3]:
+            a = pipeline.inspect(path, class_name='bottle')
+            b = seg.inspect(path, class_name='bottle')
+            assert a.answer_ids == b.answer_ids
+            np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    with pytest.raises(ValueError, match='prefill must be one of'):
+        Pipeline.from_bundle(tiny_bundle, llm=False, prefill='all-at-once')
