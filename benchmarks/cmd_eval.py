@@ -1,6 +1,12 @@
 """Accuracy of a bundle on MVTec-AD / VisA style folders (our simulated sets use the same layout):
 per class and mean image AUROC, pixel AUROC, Yes/No accuracy (the reference's rule) and location
-accuracy, zero-shot or k-shot, through the device runtime."""
+accuracy, zero-shot or k-shot, through the device runtime.
+
+With --reference (or --reference-checkpoint), the same images also go through the PyTorch reference
+pipeline rebuilt from the manifest (a seeded random bundle from its seed; a models/train.py bundle
+from its checkpoint), and the report counts identical greedy answers and Yes/No verdicts and the
+anomaly map error, per class and overall. Needs the training side (torch); the LLM then runs in
+its exact (F32 KV cache) mode."""
 from __future__ import annotations
 
 import json
@@ -18,7 +24,17 @@ def add_arguments(p) -> None:
     p.add_argument('--quant', help='GGUF type to load')
     p.add_argument('--precision', default='fp32', help='vision graph precision')
     p.add_argument('--threads', type=int)
+    p.add_argument('--max-new-tokens', type=int, default=128, help='answer length limit (default 128)')
     p.add_argument('--json', metavar='PATH', help='write the full report (with every answer) here')
+    p.add_argument('--reference', action='store_true',
+                   help='also compare with the PyTorch reference pipeline (a seeded random bundle is rebuilt '
+                        'from its manifest; needs torch)')
+    p.add_argument('--reference-checkpoint', metavar='PATH',
+                   help='the training checkpoint the bundle was exported from (models/train.py: WORK/final.pt or '
+                        'WORK; a plain state dict also works); implies --reference')
+    p.add_argument('--reference-tokenizer', metavar='DIR',
+                   help="the bundle's tokenizer directory (default: beside the checkpoint, or export tiny's "
+                        'recipe for a random bundle); implies --reference')
 
 
 def run(args) -> int:
@@ -26,11 +42,22 @@ def run(args) -> int:
     from ..runtime.pipeline import Pipeline
     from .evaluate import evaluate, markdown, write_json
     class_map = dict(item.split('=', 1) for item in args.class_map)
+    compare = bool(args.reference or args.reference_checkpoint or args.reference_tokenizer)
+    errors = (BundleError, FileNotFoundError, KeyError)
+    if compare:
+        from .reference_compare import ReferenceSetupError
+        errors += (ReferenceSetupError,)
     try:
         with Pipeline.from_bundle(args.bundle, llm=not args.no_llm, quant=args.quant, precision=args.precision,
-                                  threads=args.threads) as pipe:
-            report = evaluate(pipe, args.data, args.classes, args.k_shot, class_map, llm=not args.no_llm)
-    except (BundleError, FileNotFoundError, KeyError) as e:
+                                  threads=args.threads, max_new_tokens=args.max_new_tokens,
+                                  exact_llm=compare) as pipe:
+            reference = None
+            if compare:
+                from .reference_compare import reference_for
+                reference = reference_for(pipe, args.reference_checkpoint, args.reference_tokenizer)
+            report = evaluate(pipe, args.data, args.classes, args.k_shot, class_map, llm=not args.no_llm,
+                              reference=reference)
+    except errors as e:
         print(f"anomalygpt-edge eval: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     report['bundle'] = str(args.bundle)
@@ -38,4 +65,6 @@ def run(args) -> int:
         write_json(args.json, report)
     print(markdown(report))
     print(json.dumps(report['mean']), file=sys.stderr)
+    if 'reference' in report:
+        print(json.dumps(report['reference']['overall']), file=sys.stderr)
     return 0

@@ -6,7 +6,9 @@
   <root>/<class>/train/good/*.png                 normal images (k-shot references)
 
 Per class and mean: image AUROC (max of the map), pixel AUROC, Yes/No accuracy with the
-reference's rule, and the accuracy of the position word on single-defect images.
+reference's rule, and the accuracy of the position word on single-defect images. With a PyTorch
+reference pipeline (``reference_compare.reference_for``), also how far the runtime is from it on the
+same images (``report['reference']``).
 """
 from __future__ import annotations
 
@@ -87,12 +89,17 @@ def _mask(path: Path | None, size: int = 224) -> np.ndarray:
 
 
 def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, reference=None) -> dict:
     """Run the pipeline over the dataset. ``class_map``: folder name -> bundle class (default: the
-    folder name with '_' as ' ')."""
+    folder name with '_' as ' '). ``reference``: a ``ReferencePipeline`` run on the same inputs
+    (the report then has a ``reference`` section: answer agreement, map error)."""
     words = pipeline.prompt['location_words']
     reports = []
     found = discover(root, classes)
+    agreement = None
+    if reference is not None:
+        from . import reference_compare
+        agreement = reference_compare.Agreement()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -100,11 +107,18 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
     for name, samples in found.items():
         t0 = time.perf_counter()
         cls = (class_map or {}).get(name, name.replace('_', ' '))
-        memory = pipeline.memory(reference_shots(root, name, k_shot)) if k_shot else None
+        shots = reference_shots(root, name, k_shot) if k_shot else []
+        memory = pipeline.memory(shots) if k_shot else None
+        ref_shots = reference_compare.reference_inputs(pipeline, shots) if agreement is not None else None
         scores, labels, maps, masks, correct, loc_ok = [], [], [], [], [], []
         rep = ClassReport(name)
         for s in samples:
             res = pipeline.inspect(s.path, class_name=cls, memory=memory, llm=llm)
+            if agreement is not None:
+                t_ref = time.perf_counter()
+                agreement.add(name, s.path, res, *reference_compare.reference_run(
+                    pipeline, reference, s.path, cls, ref_shots, llm=llm and res.answer is not None))
+                t0 += time.perf_counter() - t_ref  # the class's seconds stay the runtime's own
             gt = _mask(s.mask)
             scores.append(res.score)
             labels.append(int(s.anomalous))
@@ -134,13 +148,16 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
     if bar is not None:
         bar.close()
     keys = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy')
-    return {
+    out = {
         'k_shot': k_shot,
         'classes': {r.name: {k: getattr(r, k) for k in ('n_images', 'n_single_defect', 'seconds') + keys}
                     for r in reports},
         'mean': {k: mean_or_none(getattr(r, k) for r in reports) for k in keys},
         'answers': {r.name: r.answers for r in reports},
     }
+    if agreement is not None:
+        out['reference'] = agreement.summary()
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -154,6 +171,9 @@ def markdown(report: dict) -> str:
     m = report['mean']
     rows.append(f"| **mean** | | {f(m['image_auroc'])} | {f(m['pixel_auroc'])} | {f(m['yes_no_accuracy'])} | "
                 f"{f(m['location_accuracy'])} |")
+    if 'reference' in report:
+        from .reference_compare import markdown_line
+        rows += ['', markdown_line(report['reference'])]
     return '\n'.join(rows)
 
 
