@@ -71,7 +71,8 @@ def _collect(per_run: list[dict], fewshot: list[float], rss: dict, backend: str)
 
 
 def bench_onnxruntime(setup: VisionSetup, precision: str, frame: np.ndarray, threads: int, runs: int,
-                      warmup: int, progress=None, check_input: np.ndarray | None = None) -> tuple[dict, dict]:
+                      warmup: int, progress=None, check_input: np.ndarray | None = None,
+                      **runner_options) -> tuple[dict, dict]:
     """The device path: OpenCV preprocessing and OrtRunner, as ``runtime.Pipeline`` runs them.
     Returns (figures, outputs); the outputs are those of ``check_input`` when given (the baseline's
     preprocessed frame: OpenCV and Pillow resize differently, so only the same tensor compares)."""
@@ -79,7 +80,7 @@ def bench_onnxruntime(setup: VisionSetup, precision: str, frame: np.ndarray, thr
     from ..runtime.preprocess import preprocess
     from ..runtime.runners import OrtRunner
     with PeakRSS() as load:
-        r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=threads)
+        r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=threads, **runner_options)
              for c, p in setup.onnx[precision].items()}
     per_run, fewshot, last = [], [], {}
     with PeakRSS() as run:
@@ -110,8 +111,9 @@ def bench_onnxruntime(setup: VisionSetup, precision: str, frame: np.ndarray, thr
         last = {'anomaly_map': amap, 'prompts': prompts, 'image_token': enc['image_token'], 'input': x}
     providers = next(iter(r.values())).providers
     del r
+    extra = ''.join(f', {k}={v}' for k, v in runner_options.items())
     return _collect(per_run, fewshot, {'load': load.to_dict(), 'run': run.to_dict()},
-                    f"onnxruntime {precision} ({', '.join(providers)}, {threads} intra-op threads)"), last
+                    f"onnxruntime {precision} ({', '.join(providers)}, {threads} intra-op threads{extra})"), last
 
 
 def bench_torch(setup: VisionSetup, dtype: str, frame: np.ndarray, threads: int, runs: int, warmup: int,

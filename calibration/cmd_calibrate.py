@@ -2,6 +2,7 @@
 thresholds for the LLM-free mode, or a legacy TensorRT INT8 engine (TensorRT < 10.1).
 
   calibrate int8      --bundle DIR --images NORMAL_DIR --heldout MVTEC_ROOT [--method minmax|entropy|percentile]
+  calibrate int8      --bundle DIR --heldout MVTEC_ROOT --method dynamic --target onnxruntime   (CPU; no calibration set)
   calibrate threshold --bundle DIR --images NORMAL_DIR --class NAME [--percentile 100] [--reference IMG ...]
   calibrate trt-legacy --bundle DIR --images NORMAL_DIR   (on the device; writes an int8 engine set)
 
@@ -20,10 +21,13 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest='what', metavar='WHAT', required=True)
     q = sub.add_parser('int8', help='INT8 Q/DQ encoder from normal images, kept only if it passes the accuracy gate')
     q.add_argument('--bundle', required=True)
-    q.add_argument('--images', required=True, metavar='NORMAL_DIR', help='folder of normal images (calibration)')
+    q.add_argument('--images', metavar='NORMAL_DIR', help='folder of normal images (calibration; not used by --method dynamic)')
     q.add_argument('--heldout', required=True, metavar='MVTEC_ROOT',
                    help='held-out images in MVTec layout (<class>/test/good, <class>/test/<defect>, train/good)')
-    q.add_argument('--method', choices=('minmax', 'entropy', 'percentile'), default='minmax')
+    q.add_argument('--method', choices=('minmax', 'entropy', 'percentile', 'dynamic'), default='minmax',
+                   help='activation ranges: calibrated on --images (minmax, entropy, percentile: Q/DQ for TensorRT and '
+                        'ONNX Runtime), or computed per inference (dynamic: ONNX Runtime only, the fastest on a '
+                        'VNNI CPU; see benchmarks/README.md) (default: %(default)s)')
     q.add_argument('--percentile', type=float, default=99.999, help='for --method percentile (default: %(default)s)')
     q.add_argument('--target', choices=('tensorrt', 'onnxruntime'), default='tensorrt',
                    help='tensorrt: FP32 weights behind Q/DQ (TensorRT 8.6 needs them; works in ONNX Runtime too); '
@@ -79,15 +83,20 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
     fp32 = bundle.component('encoder', 'fp32')
     # the histogram calibrators (entropy, percentile) stack every batch's activations, so all batches
     # must have one size: a short last batch would make ONNX Runtime fail on a ragged array
-    batches = ImageBatches.from_folder(images, bundle, recursive, batch_size=batch_size, seed=seed,
-                                       max_images=max_images, drop_last=method != 'minmax')
-    if batches.n_used == 0:
-        raise CalibrationError(f"{images}: {len(batches.paths)} images, fewer than one batch of {batch_size}")
     opts = QuantizeOptions(method=method, percentile=percentile, target=target, quantize_attention=quantize_attention)
+    batches = None
+    if method != 'dynamic':
+        if images is None:
+            raise CalibrationError(f"--method {method} calibrates on normal images: give --images NORMAL_DIR")
+        batches = ImageBatches.from_folder(images, bundle, recursive, batch_size=batch_size, seed=seed,
+                                           max_images=max_images, drop_last=method != 'minmax')
+        if batches.n_used == 0:
+            raise CalibrationError(f"{images}: {len(batches.paths)} images, fewer than one batch of {batch_size}")
     name = int8_file('encoder')
     with tempfile.TemporaryDirectory(prefix=f'.{bundle.root.name}.int8-', dir=bundle.root.parent) as work:
         candidate = Path(work) / name
-        log(f"calibrating {name} on {len(batches.paths)} images ({method}) ...")
+        log(f"quantizing {name} (dynamic) ..." if batches is None else
+            f"calibrating {name} on {len(batches.paths)} images ({method}) ...")
         info = quantize_onnx(bundle.path(fp32['file']), candidate, batches, 'encoder', 'image', opts)
         log("accuracy gate on the held-out images ...")
         with Pipeline(bundle, llm=False) as ref, Pipeline(bundle, llm=False) as cand:

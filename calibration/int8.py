@@ -27,7 +27,7 @@ from .data_reader import CalibrationError, ImageBatches, ort_reader
 
 log = logging.getLogger(__name__)
 
-METHODS = ('minmax', 'entropy', 'percentile')
+METHODS = ('minmax', 'entropy', 'percentile', 'dynamic')  # dynamic: ONNX Runtime only, no calibration images
 TARGETS = ('tensorrt', 'onnxruntime')
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 # Per component: whether every node after an L2 normalisation stays FP32 (as the FP16 policy)
@@ -57,12 +57,18 @@ class QuantizeOptions:
             raise CalibrationError(f"unknown INT8 target {self.target!r}; choose one of {TARGETS}")
         if not 0 < self.percentile <= 100:
             raise CalibrationError(f"percentile must be in (0, 100], not {self.percentile}")
+        if self.method == 'dynamic' and self.target != 'onnxruntime':
+            raise CalibrationError("dynamic quantization (activation scales computed per inference) is an ONNX "
+                                   "Runtime graph; TensorRT needs a calibrated Q/DQ graph (--target onnxruntime, "
+                                   "or --method minmax|entropy|percentile)")
 
     def to_dict(self) -> dict:
         return {'method': self.method, 'percentile': self.percentile if self.method == 'percentile' else None,
                 'target': self.target, 'op_types': list(self.op_types),
                 'quantize_attention': self.quantize_attention,
-                'activations': 'int8 symmetric per-tensor', 'weights': 'int8 symmetric per-channel'}
+                'activations': ('uint8 asymmetric, per-tensor scales computed at run time' if self.method == 'dynamic'
+                                else 'int8 symmetric per-tensor'),
+                'weights': 'int8 symmetric per-channel'}
 
 
 def fp32_nodes(model: onnx.ModelProto, component: str) -> set[str]:
@@ -101,48 +107,61 @@ def _extra_options(opts: QuantizeOptions) -> dict:
     return extra
 
 
-def quantize_onnx(src, dst, batches: ImageBatches, component: str = 'encoder', input_name: str = 'image',
+def quantize_onnx(src, dst, batches: ImageBatches | None, component: str = 'encoder', input_name: str = 'image',
                   options: QuantizeOptions | None = None) -> dict:
-    """FP32 ``src`` -> Q/DQ ``dst`` calibrated on ``batches``; written atomically (temp dir, rename).
+    """FP32 ``src`` -> INT8 ``dst``: Q/DQ calibrated on ``batches``, or (method 'dynamic', ``batches``
+    unused) MatMuls with INT8 weights and activation scales computed per inference, which ONNX Runtime
+    fuses into its integer kernels (VNNI where the CPU has it). Written atomically (temp dir, rename).
     Returns what was done, for the manifest."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
     opts = options or QuantizeOptions()
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise CalibrationError(f"{src}: no such ONNX file")
+    if opts.method != 'dynamic' and batches is None:
+        raise CalibrationError(f"{opts.method} calibration needs calibration images")
     model = onnx.load(str(src), load_external_data=False)
     exclude = fp32_nodes(model, component) | set(opts.exclude)
     if not opts.quantize_attention:
         exclude |= _activation_matmuls(model)
     weights = sum(os.path.getsize(p) for p in src.parent.glob(src.name + '*'))
-    method = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
-              'percentile': CalibrationMethod.Percentile}[opts.method]
     staging = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.', dir=dst.parent))
     try:
-        # quantize_static reads the graph by path (keeps external data working); unnamed nodes got
+        # quantization reads the graph by path (keeps external data working); unnamed nodes got
         # names above, so the block list needs the named copy
         named = staging / 'named.onnx'
         big = weights > 2**31 - 2**26
+        model = onnx.load(str(src))
+        fp32_nodes(model, component)
         if big:
-            model = onnx.load(str(src))
-            fp32_nodes(model, component)
             onnx.save_model(model, str(named), save_as_external_data=True, all_tensors_to_one_file=True,
                             location='named.onnx.data')
         else:
-            model = onnx.load(str(src))
-            fp32_nodes(model, component)
             onnx.save_model(model, str(named))
         del model
         out = staging / dst.name
-        quantize_static(str(named), str(out), ort_reader(batches, input_name), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(opts.op_types), per_channel=True, reduce_range=False,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=sorted(exclude), use_external_data_format=big,
-                        calibrate_method=method, extra_options=_extra_options(opts))
+        if opts.method == 'dynamic':
+            # MatMul only: ONNX Runtime's dynamic Conv path is slower than FP32 (the patch embedding
+            # is one Conv); weights symmetric per channel
+            quantize_dynamic(str(named), str(out), op_types_to_quantize=[t for t in opts.op_types if t != 'Conv'],
+                             per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=sorted(exclude), use_external_data_format=big,
+                             extra_options={'MatMulConstBOnly': True})
+            marker = ('DynamicQuantizeLinear', 'MatMulInteger', 'DynamicQuantizeMatMul')
+        else:
+            method = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
+                      'percentile': CalibrationMethod.Percentile}[opts.method]
+            quantize_static(str(named), str(out), ort_reader(batches, input_name), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(opts.op_types), per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=sorted(exclude), use_external_data_format=big,
+                            calibrate_method=method, extra_options=_extra_options(opts))
+            marker = ('QuantizeLinear',)
         q = onnx.load(str(out), load_external_data=False)
-        n_q = sum(n.op_type == 'QuantizeLinear' for n in q.graph.node)
+        n_q = sum(n.op_type in marker for n in q.graph.node)
         if n_q == 0:
-            raise CalibrationError(f"{src}: quantization inserted no Q/DQ nodes (nothing of {list(opts.op_types)} "
+            raise CalibrationError(f"{src}: quantization inserted no INT8 nodes (nothing of {list(opts.op_types)} "
                                    "outside the FP32 islands?)")
         data = None
         if big:
@@ -155,6 +174,8 @@ def quantize_onnx(src, dst, batches: ImageBatches, component: str = 'encoder', i
             os.replace(out, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("%s -> %s: %d Q/DQ pairs, %d nodes kept FP32", src.name, dst.name, n_q, len(exclude))
-    return {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude),
-            'calibration': {**opts.to_dict(), 'n_images': batches.n_used, 'batch_size': batches.batch_size}}
+    log.info("%s -> %s: %d INT8 nodes (%s), %d nodes kept FP32", src.name, dst.name, n_q, opts.method, len(exclude))
+    calib = opts.to_dict()
+    if batches is not None and opts.method != 'dynamic':
+        calib.update(n_images=batches.n_used, batch_size=batches.batch_size)
+    return {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude), 'calibration': calib}

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     'serve': ('anomalygpt_edge.runtime.cmd_serve', 'local HTTP service: POST /inspect, GET /health, GET /metrics'),
     'export': ('anomalygpt_edge.export.cmd_export', 'build a bundle (ONNX + GGUF) from checkpoints or a tiny random model'),
     'bench': ('anomalygpt_edge.benchmarks.cmd_bench', 'latency per stage vs the PyTorch baseline; decode vs the bandwidth ceiling'),
+    'bench-verdict': ('anomalygpt_edge.benchmarks.cmd_bench_verdict', 'time to verdict: every speed lever vs PyTorch at its best, one run'),
     'eval': ('anomalygpt_edge.benchmarks.cmd_eval', 'accuracy on MVTec-AD/VisA-layout folders (AUROC, Yes/No, location)'),
     'compare': ('anomalygpt_edge.export.cmd_compare', "verify a bundle and compare its graphs with the PyTorch modules"),
     'build-engines': ('anomalygpt_edge.runtime.cmd_build_engines', 'build TensorRT engines for this GPU from a bundle (on the device)'),

@@ -1,0 +1,419 @@
+"""Time to verdict at the real shapes: every lever tried, each beside PyTorch at its best, in one run.
+
+An image goes in; the verdict is known once the LLM has chosen the token after "Yes"/"No". So
+
+    time to verdict = vision chain + LLM prefill of the prompt + 1 decode step
+
+for ours and for the baseline alike. The vision chain is measured end to end (preprocess, encoder,
+decoder, prompt learner); the LLM at Vicuna-7B width is measured at ``llm_layers`` depths and every
+figure extrapolated to 32 layers (t = a + b * layers, labelled). The levers:
+
+- vision: ONNX Runtime FP32, INT8 dynamic (``calibration.int8`` method 'dynamic'), INT8 static Q/DQ
+  (method 'minmax', ONNX Runtime target), thread spinning off; PyTorch eager FP32, eager bf16 and
+  bf16 + ``torch.compile`` with weight freezing (its best on a CPU with native bf16);
+- LLM: GGUF type (Q4_K_M, Q4_0, Q8_0), the prompt as one embedding batch or one call per segment,
+  llama.cpp's CPU weight repacking on/off, flash attention on/off, the constant prefix cached across
+  frames; HF transformers FP32 and bf16 as the baseline;
+- resident memory of the chosen configuration (INT8 vision + the LLM), measured in a fresh process.
+
+``run_verdict(VerdictOptions(...)) -> report`` (the JSON of ``anomalygpt-edge bench-verdict``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import bench_llm, bench_vision
+from .bench_stats import PeakRSS, extrapolate, summarize
+from .machine import machine_info, memory_bandwidth
+
+SCHEMA = 'anomalygpt-edge-bench-verdict/1'
+PROMPT_POSITIONS = 100  # the real prompt with Vicuna's tokenizer (see latency.HUGE_PROMPT_POSITIONS)
+
+
+@dataclass(frozen=True)
+class LlmVariant:
+    name: str
+    quant: str
+    one_batch: bool = True
+    repack: bool = False
+    flash_attn: bool | None = None
+    cached_prefix: bool = False   # BOS + "### Human: <Img>" stays in the KV cache across frames
+
+    def session_kwargs(self) -> dict:
+        return {'repack': self.repack, 'flash_attn': self.flash_attn}
+
+
+# the first is the configuration before this study (the runtime's previous default)
+LLM_VARIANTS = (
+    LlmVariant('q4_k_m, segments, repack off (before)', 'q4_k_m', one_batch=False),
+    LlmVariant('q4_k_m, one batch', 'q4_k_m'),
+    LlmVariant('q4_k_m, one batch, repack on', 'q4_k_m', repack=True),
+    LlmVariant('q4_k_m, one batch, flash attention off', 'q4_k_m', flash_attn=False),
+    LlmVariant('q4_0, one batch', 'q4_0'),
+    LlmVariant('q4_0, one batch, repack on', 'q4_0', repack=True),
+    LlmVariant('q8_0, one batch', 'q8_0'),
+    LlmVariant('q8_0, one batch, repack on', 'q8_0', repack=True),
+    LlmVariant('q4_k_m, one batch, cached prefix', 'q4_k_m', cached_prefix=True),
+    LlmVariant('q4_0, one batch, repack on, cached prefix', 'q4_0', repack=True, cached_prefix=True),
+)
+
+# name -> (graph set, OrtRunner options)
+VISION_OURS = {
+    'ort_fp32': ('fp32', {}),
+    'ort_int8_dynamic': ('int8_dynamic', {}),
+    'ort_int8_static': ('int8_static', {}),
+    'ort_int8_dynamic_no_spin': ('int8_dynamic', {'spin': False}),
+}
+VISION_BASELINES = ('torch_fp32', 'torch_bf16', 'torch_bf16_compiled')
+
+
+@dataclass
+class VerdictOptions:
+    config: str = 'huge'
+    llm_layers: tuple = (2, 4)
+    threads: int = 2
+    runs: int = 5
+    warmup: int = 1
+    decode_tokens: int = 16
+    prompt_positions: int = PROMPT_POSITIONS
+    calibration_images: int = 8
+    seed: int = 0
+    vision: tuple = tuple(VISION_OURS)
+    baselines: tuple = VISION_BASELINES
+    llm_variants: tuple = tuple(v.name for v in LLM_VARIANTS)
+    hf_baselines: tuple = ('fp32', 'bf16')
+    memory: bool = True
+    work_dir: str | None = None
+    progress: bool = True
+    command: str = ''
+    on_phase: object = None
+
+
+def _log(msg: str) -> None:
+    print(f"[bench-verdict] {msg}", file=sys.stderr, flush=True)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+
+
+# -- vision -----------------------------------------------------------------------------------------
+def quantize_encoder(setup, work: Path, method: str, n_images: int, seed: int) -> Path:
+    """The encoder of ``setup`` in INT8 with ``calibration.int8`` (the ``calibrate int8`` code path)."""
+    from ..calibration.data_reader import ImageBatches
+    from ..calibration.int8 import QuantizeOptions, quantize_onnx
+    from ..models import spec
+    import cv2
+    out = work / f'encoder-int8-{method}.onnx'
+    batches = None
+    if method != 'dynamic':
+        frames = work / 'calibration-frames'
+        frames.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(n_images):
+            p = frames / f'{i}.png'
+            cv2.imwrite(str(p), bench_vision.camera_frame(256, seed + 1 + i))
+            paths.append(p)
+        cfg = {'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD), 'size': spec.IMAGE_SIZE, 'resize': 'squash'}
+        batches = ImageBatches(paths, cfg, batch_size=1, seed=seed)
+    quantize_onnx(setup.onnx['fp32']['encoder'], out, batches, 'encoder', 'image',
+                  QuantizeOptions(method=method, target='onnxruntime'))
+    return out
+
+
+def bench_torch_compiled(setup, frame: np.ndarray, threads: int, runs: int, warmup: int, progress=None) -> dict:
+    """PyTorch bf16 with ``torch.compile`` (inductor, weights frozen into the graph): the reference
+    chain as one compiled function. Compilation is timed separately and not counted."""
+    import copy
+
+    import torch
+    import torch._inductor.config as inductor_config
+    from PIL import Image
+
+    from ..models.preprocess import pil_preprocess
+    torch.set_num_threads(threads)
+    inductor_config.freezing = True
+    model = copy.deepcopy(setup.model).to(torch.bfloat16).eval()
+    feats = torch.from_numpy(setup.text_features).to(torch.bfloat16)
+
+    def chain(x):
+        emb, taps = model.encode_image(x)
+        amap = model.anomaly_map(taps, feats)
+        return model.image_token(emb), amap, model.prompt_learner(amap)
+
+    compiled = torch.compile(chain)
+    times = []
+    with PeakRSS() as run, torch.inference_mode():
+        x = pil_preprocess(Image.fromarray(frame), 'squash').to(torch.bfloat16)
+        t0 = time.perf_counter()
+        compiled(x)
+        compile_s = time.perf_counter() - t0
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            x = pil_preprocess(Image.fromarray(frame), 'squash').to(torch.bfloat16)
+            compiled(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+            if progress is not None:
+                progress.update(1)
+    del compiled, model
+    torch._dynamo.reset()
+    return {'backend': f'torch bf16 + torch.compile (inductor, freezing; {threads} threads)',
+            'stages_ms': {'chain': summarize(times)}, 'compile_s': round(compile_s, 1), 'rss_mb': {'run': run.to_dict()}}
+
+
+def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
+    setup = bench_vision.prepare_vision(cfg, work, ('fp32',), None, opts.seed, log=_log)
+    for graph_set in {VISION_OURS[v][0] for v in opts.vision} - {'fp32'}:
+        method = graph_set.split('_', 1)[1].replace('static', 'minmax')
+        _log(f"INT8 encoder ({method})")
+        t0 = time.perf_counter()
+        path = quantize_encoder(setup, work, method, opts.calibration_images, opts.seed)
+        setup.onnx[graph_set] = {**setup.onnx['fp32'], 'encoder': path}
+        setup.notes.append(f"{graph_set}: encoder quantized in {time.perf_counter() - t0:.0f} s")
+    frame = bench_vision.camera_frame(1024, opts.seed)
+    per = opts.warmup + opts.runs
+    out = {'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}, 'export_s': setup.export_s}
+    ref = None
+    for name in opts.baselines:
+        with _bar(per, f'vision {name}', opts.progress) as bar:
+            if name == 'torch_bf16_compiled':
+                out['baseline'][name] = bench_torch_compiled(setup, frame, opts.threads, opts.runs, opts.warmup, bar)
+            else:
+                out['baseline'][name], last = bench_vision.bench_torch(
+                    setup, name.split('_', 1)[1], frame, opts.threads, opts.runs, opts.warmup, bar)
+                if name == 'torch_fp32':
+                    ref = last
+        gc.collect()
+    for name in opts.vision:
+        graph_set, runner_opts = VISION_OURS[name]
+        with _bar(per, f'vision {name}', opts.progress) as bar:
+            out['ours'][name], last = bench_vision.bench_onnxruntime(
+                setup, graph_set, frame, opts.threads, opts.runs, opts.warmup, bar,
+                check_input=None if ref is None else ref['input'], **runner_opts)
+        if ref is not None:
+            out['agreement_vs_torch_fp32'][name] = bench_vision.agreement(last, ref)
+        gc.collect()
+    out['notes'] = setup.notes
+    return out, setup
+
+
+# -- LLM --------------------------------------------------------------------------------------------
+def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r: None) -> dict:
+    from ..models import spec
+    from ..runtime.llama_session import LlamaSession
+    variants = [v for v in LLM_VARIANTS if v.name in opts.llm_variants]
+    unknown = set(opts.llm_variants) - {v.name for v in LLM_VARIANTS}
+    if unknown:
+        raise ValueError(f"unknown LLM variants {sorted(unknown)}; known: {[v.name for v in LLM_VARIANTS]}")
+    quants = sorted({v.quant for v in variants})
+    per = opts.warmup + opts.runs
+    kw = dict(runs=opts.runs, warmup=opts.warmup, n_decode=opts.decode_tokens, answer_tokens=1)
+    res = {'layers_measured': list(opts.llm_layers), 'target_layers': cfg.llm.layers, 'ours': {}, 'baseline': {},
+           'gguf_bytes': {}, 'variants': {v.name: dataclasses.asdict(v) for v in variants}}
+    layout = None
+    for n in opts.llm_layers:
+        hf = bench_llm.build_hf(cfg.llm, n, opts.seed)
+        _log(f"LLM {n} layers: writing GGUF {', '.join(quants)}")
+        paths = bench_llm.export_gguf(hf, tok_dir, work / f'llm-{n}', quants)
+        if layout is None:
+            with LlamaSession(paths[quants[0]], n_ctx=256) as s:
+                layout = bench_llm.prompt_layout(s.tokenize, s.bos_id, spec.question_for('bottle'),
+                                                 opts.prompt_positions)
+            res['prompt'] = {'positions': layout.n_positions, 'constant_prefix': len(layout.segments[0][1]),
+                             'segments': [[k, len(v) if k == 'tokens' else v] for k, v in layout.segments]}
+        for dtype in opts.hf_baselines:
+            with _bar(per, f'LLM {n}L HF {dtype}', opts.progress) as bar:
+                res['baseline'].setdefault(f'hf_{dtype}', {'by_layers': {}})['by_layers'][n] = bench_llm.bench_hf(
+                    hf, dtype, layout, opts.threads, seed=opts.seed, progress=bar, **kw)
+        del hf
+        gc.collect()
+        for q in quants:
+            res['gguf_bytes'].setdefault(q, {})[n] = bench_llm.gguf_bytes(paths[q])
+        for v in variants:
+            with _bar(per, f'LLM {n}L {v.name}', opts.progress) as bar:
+                res['ours'].setdefault(v.name, {'by_layers': {}})['by_layers'][n] = bench_llm.bench_session(
+                    paths[v.quant], layout, opts.threads, seed=opts.seed, progress=bar, one_batch=v.one_batch,
+                    cached_prefix=v.cached_prefix, n_ctx=512, **v.session_kwargs(), **kw)
+        res.setdefault('gguf_paths', {})[n] = {q: str(p) for q, p in paths.items()}
+        save(res)
+    target = cfg.llm.layers
+    xs = list(opts.llm_layers)
+    for group in ('ours', 'baseline'):
+        for entry in res[group].values():
+            by = entry['by_layers']
+            entry['at_target'] = {m: extrapolate(xs, [by[x][m]['median'] for x in xs], target)
+                                  for m in ('prefill_ms', 'decode_ms_per_token', 'verdict_ms')}
+            entry['at_target']['decode_tok_s'] = 1e3 / entry['at_target']['decode_ms_per_token']['value']
+    for q, by in res['gguf_bytes'].items():
+        by['at_target'] = {k: extrapolate(xs, [by[x][k] for x in xs], target)['value'] for k in ('tensors', 'file')}
+    return res
+
+
+# -- resident memory --------------------------------------------------------------------------------
+_MEMORY_PROBE = r'''
+import json, resource, sys, time
+import numpy as np
+import psutil
+from anomalygpt_edge.runtime.runners import OrtRunner
+from anomalygpt_edge.runtime.llama_session import LlamaSession
+from anomalygpt_edge.runtime.preprocess import preprocess
+a = json.loads(sys.argv[1])
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+out = {'start': rss()}
+r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=a['threads']) for c, p in a['onnx'].items()}
+frame = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+x = preprocess(frame, a['mean'], a['std'], a['size'], 'squash')
+feats = np.load(a['feats'])
+for _ in range(2):
+    enc = r['encoder'].infer({'image': x})
+    amap = r['decoder'].infer({'taps': enc['taps'], 'text_features': feats})['anomaly_map']
+    prompts = r['prompt_learner'].infer({'anomaly_map': amap})['prompts']
+out['vision'] = rss()
+s = LlamaSession(a['gguf'], n_ctx=a['n_ctx'], n_threads=a['threads'], repack=a['repack'])
+rng = np.random.default_rng(0)
+for _ in range(2):
+    s.reset()
+    s.eval_embeddings((rng.standard_normal((a['positions'], s.n_embd)) * 0.02).astype(np.float32))
+    s.generate(16, stop=())
+out['steady'] = rss()
+out['peak'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+'''
+
+
+def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, threads: int, repack: bool,
+                    positions: int, target_layers: int, work: Path, n_ctx: int = 512) -> dict:
+    """RSS of one fresh process (the runtime only: no torch) holding the vision graphs and the LLM after
+    two frames: after the vision runs, steady after the LLM, and peak; per LLM depth, extrapolated."""
+    from ..models import spec
+    feats = work / 'feats.npy'
+    np.save(feats, text_features)
+    by = {}
+    for n, gguf in gguf_paths.items():
+        arg = json.dumps({'onnx': {k: str(v) for k, v in onnx.items() if k != 'fewshot'}, 'feats': str(feats),
+                          'gguf': str(gguf), 'threads': threads, 'repack': repack, 'positions': positions,
+                          'n_ctx': n_ctx, 'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD),
+                          'size': spec.IMAGE_SIZE})
+        done = subprocess.run([sys.executable, '-c', _MEMORY_PROBE, arg], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
+        by[n] = json.loads(done.stdout.strip().splitlines()[-1])
+    xs = sorted(by)
+    at = {k: extrapolate(xs, [by[x][k] for x in xs], target_layers) for k in ('steady', 'peak')}
+    return {'by_layers': by, 'vision_mb': float(np.median([b['vision'] for b in by.values()])),
+            'at_target': at, 'n_ctx': n_ctx, 'repack': repack,
+            'method': 'one fresh process: the vision graphs (encoder, decoder, prompt learner) run twice, then the '
+                      'LLM prefill + 16 decode steps twice; RSS via psutil, peak via ru_maxrss; LLM depth fitted'}
+
+
+# -- composition ------------------------------------------------------------------------------------
+def compose(vision: dict, llm: dict) -> dict:
+    """Time to verdict of every (vision, LLM) pair: vision chain median + the LLM's verdict time
+    (prefill + 1 decode step) at the target depth."""
+    out = {'ours': {}, 'baseline': {}}
+    for vname, v in vision['ours'].items():
+        for lname, lm in llm['ours'].items():
+            out['ours'][f'{vname} + {lname}'] = {
+                'vision_ms': v['stages_ms']['chain']['median'], 'llm_verdict_ms': lm['at_target']['verdict_ms']['value'],
+                'time_to_verdict_ms': v['stages_ms']['chain']['median'] + lm['at_target']['verdict_ms']['value']}
+    for vname, v in vision['baseline'].items():
+        dtype = 'bf16' if 'bf16' in vname else 'fp32'
+        lm = llm['baseline'].get(f'hf_{dtype}')
+        if lm is None:
+            continue
+        out['baseline'][f'{vname} + hf_{dtype}'] = {
+            'vision_ms': v['stages_ms']['chain']['median'], 'llm_verdict_ms': lm['at_target']['verdict_ms']['value'],
+            'time_to_verdict_ms': v['stages_ms']['chain']['median'] + lm['at_target']['verdict_ms']['value']}
+    best = lambda d: min(d.items(), key=lambda kv: kv[1]['time_to_verdict_ms']) if d else (None, None)
+    out['best_ours'], out['best_baseline'] = best(out['ours'])[0], best(out['baseline'])[0]
+    if out['best_ours'] and out['best_baseline']:
+        out['speedup'] = (out['baseline'][out['best_baseline']]['time_to_verdict_ms'] /
+                          out['ours'][out['best_ours']]['time_to_verdict_ms'])
+    return out
+
+
+def run_verdict(opts: VerdictOptions) -> dict:
+    from ..models.config import get_config
+    from ..models.tokenizer import reference_corpus, train_sentencepiece
+    own = opts.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix='agpt-verdict-') if own else opts.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    save = opts.on_phase or (lambda _r: None)
+    t_start = time.time()
+    try:
+        report = {'schema': SCHEMA, 'command': opts.command, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                  'machine': machine_info(), 'options': {k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in dataclasses.asdict(opts).items()
+                                                         if k not in ('progress', 'command', 'work_dir', 'on_phase')}}
+        report['bandwidth'] = {'start': memory_bandwidth(opts.threads)}
+        cfg = get_config(opts.config) if opts.config == 'huge' else None
+        if cfg is None:
+            from ..models.tokenizer import vocab_size
+        tok = train_sentencepiece(work / 'tokenizer', reference_corpus(), vocab_size=400)
+        if cfg is None:
+            cfg = get_config(opts.config, vocab=vocab_size(tok))
+        report['config'] = cfg.name
+        report['vision'], setup = run_vision(opts, cfg, work)
+        save({**report, 'partial': 'vision done'})
+        report['llm'] = run_llm(opts, cfg, tok, work, lambda r: save({**report, 'llm': r, 'partial': 'LLM in progress'}))
+        report['bandwidth']['end'] = memory_bandwidth(opts.threads)
+        report['chain'] = compose(report['vision'], report['llm'])
+        if opts.memory:
+            graphs = setup.onnx.get('int8_dynamic') or setup.onnx['fp32']
+            best_llm = report['llm']['variants'].get(report['chain']['best_ours'].split(' + ', 1)[1]) \
+                if report['chain']['best_ours'] else None
+            quant = best_llm['quant'] if best_llm else 'q4_k_m'
+            report['memory'] = resident_memory(
+                graphs, setup.text_features, {n: p[quant] for n, p in report['llm']['gguf_paths'].items()},
+                opts.threads, bool(best_llm and best_llm['repack']), opts.prompt_positions, cfg.llm.layers, work)
+            report['memory']['quant'] = quant
+        report['wall_s'] = round(time.time() - t_start, 1)
+        return report
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(report: dict) -> str:
+    """Before/after tables: vision levers, LLM levers (32 layers, extrapolated), the best pairs, memory."""
+    m = report['machine']
+    lines = [f"Machine: {m['cpu']} ({', '.join(m.get('cpu_detail', {}).get('simd', [])[:12])}), "
+             f"{m['cores_logical']} cores, {m['memory_gb']} GB; config {report['config']}; "
+             f"bandwidth {report['bandwidth']['start']['read_gb_s']} GB/s (read)", '']
+    v = report['vision']
+    lines += ['| vision chain | median ms | p90 ms |', '|---|---|---|']
+    for group in ('baseline', 'ours'):
+        for name, r in v[group].items():
+            c = r['stages_ms']['chain']
+            lines.append(f"| {name} | {c['median']:.1f} | {c['p90']:.1f} |")
+    llm = report['llm']
+    lines += ['', f"| LLM ({llm['target_layers']} layers, extrapolated from {llm['layers_measured']}) | prefill ms | "
+                  "decode tok/s | verdict ms (prefill + 1 step) |", '|---|---|---|---|']
+    for group in ('baseline', 'ours'):
+        for name, r in llm[group].items():
+            t = r['at_target']
+            lines.append(f"| {name} | {t['prefill_ms']['value']:.0f} | {t['decode_tok_s']:.2f} | "
+                         f"{t['verdict_ms']['value']:.0f} |")
+    ch = report['chain']
+    if ch.get('best_ours'):
+        o, b = ch['ours'][ch['best_ours']], ch['baseline'][ch['best_baseline']]
+        lines += ['', f"Best ours: {ch['best_ours']}: {o['time_to_verdict_ms']:.0f} ms to verdict; best PyTorch: "
+                      f"{ch['best_baseline']}: {b['time_to_verdict_ms']:.0f} ms; speed-up {ch['speedup']:.2f}x"]
+    if report.get('memory'):
+        mem = report['memory']['at_target']
+        lines.append(f"Resident ({report['memory']['quant']}, {llm['target_layers']} layers, extrapolated): "
+                     f"steady {mem['steady']['value'] / 1024:.2f} GiB, peak {mem['peak']['value'] / 1024:.2f} GiB")
+    return '\n'.join(lines)
