@@ -63,100 +63,158 @@ def prepare_vision(cfg, work_dir: Path, precisions, bundle=None, seed: int = 0, 
                        f'seeded random (seed {seed}), same tensors in ONNX and PyTorch', export_s)
 
 
-def _collect(per_run: list[dict], fewshot: list[float], rss: dict, backend: str) -> dict:
-    stages = {s: summarize([r[s] for r in per_run]) for s in STAGES}
-    stages['chain'] = summarize([sum(r[s] for s in STAGES) for r in per_run])
-    stages['fewshot'] = summarize(fewshot)
-    return {'backend': backend, 'stages_ms': stages, 'rss_mb': rss}
+class OrtChain:
+    """The device path: OpenCV preprocessing and OrtRunner, as ``runtime.Pipeline`` runs them; one timed
+    run per ``once(frame)`` (stage -> ms; the few-shot graph timed on its own, one normal reference)."""
+
+    def __init__(self, setup: VisionSetup, precision: str, threads: int, **runner_options):
+        from ..runtime.runners import OrtRunner
+        self.feats = setup.text_features
+        with PeakRSS() as self.load:
+            self.r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=threads, **runner_options)
+                      for c, p in setup.onnx[precision].items()}
+        extra = ''.join(f', {k}={v}' for k, v in runner_options.items())
+        providers = next(iter(self.r.values())).providers
+        self.backend = f"onnxruntime {precision} ({', '.join(providers)}, {threads} intra-op threads{extra})"
+
+    def outputs(self, x: np.ndarray) -> dict:
+        enc = self.r['encoder'].infer({'image': x})
+        amap = self.r['decoder'].infer({'taps': enc['taps'], 'text_features': self.feats})['anomaly_map']
+        prompts = self.r['prompt_learner'].infer({'anomaly_map': amap})['prompts']
+        return {'anomaly_map': amap, 'prompts': prompts, 'image_token': enc['image_token'], 'input': x, 'taps': enc['taps']}
+
+    def once(self, frame: np.ndarray) -> dict:
+        from ..models import spec
+        from ..runtime.preprocess import preprocess
+        t = [time.perf_counter()]
+        x = preprocess(frame, spec.CLIP_MEAN, spec.CLIP_STD, spec.IMAGE_SIZE, 'squash')
+        t.append(time.perf_counter())
+        enc = self.r['encoder'].infer({'image': x})
+        t.append(time.perf_counter())
+        amap = self.r['decoder'].infer({'taps': enc['taps'], 'text_features': self.feats})['anomaly_map']
+        t.append(time.perf_counter())
+        self.r['prompt_learner'].infer({'anomaly_map': amap})
+        t.append(time.perf_counter())
+        memory = np.ascontiguousarray(enc['taps'][0])  # one normal reference: [4, 256, C]
+        t0 = time.perf_counter()
+        self.r['fewshot'].infer({'taps': enc['taps'], 'memory': memory})
+        out = {s: (t[k + 1] - t[k]) * 1e3 for k, s in enumerate(STAGES)}
+        out['fewshot'] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def close(self) -> None:
+        self.r = {}
+
+
+class TorchChain:
+    """The reference code path (``ReferencePipeline.vision``): Pillow preprocessing, the model's own
+    modules in eager mode, in ``dtype`` ('fp32' or 'bf16')."""
+
+    def __init__(self, setup: VisionSetup, dtype: str, threads: int):
+        import torch
+        self.torch, self.threads = torch, threads
+        torch.set_num_threads(threads)
+        self.tdtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dtype]
+        with PeakRSS() as self.load:
+            self.model = setup.model if dtype == 'fp32' else copy.deepcopy(setup.model).to(self.tdtype)
+            self.feats = torch.from_numpy(setup.text_features).to(self.tdtype)
+        self.backend = f'torch {dtype} eager ({threads} threads)'
+
+    def _x(self, frame):
+        from PIL import Image
+
+        from ..models.preprocess import pil_preprocess
+        return pil_preprocess(Image.fromarray(frame), 'squash').to(self.tdtype)
+
+    def outputs(self, frame: np.ndarray) -> dict:
+        torch, model = self.torch, self.model
+        with torch.inference_mode():
+            x = self._x(frame)
+            emb, taps = model.encode_image(x)
+            amap = model.anomaly_map(taps, self.feats)
+            prompts = model.prompt_learner(amap)
+            token = model.image_token(emb)
+        return {'anomaly_map': amap.float().numpy(), 'prompts': prompts.float().numpy(),
+                'image_token': token.float().numpy(), 'input': x.float().numpy()}
+
+    def once(self, frame: np.ndarray) -> dict:
+        from ..models.decoder import few_shot_map
+        torch, model = self.torch, self.model
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            t = [time.perf_counter()]
+            x = self._x(frame)
+            t.append(time.perf_counter())
+            emb, taps = model.encode_image(x)
+            model.image_token(emb)
+            t.append(time.perf_counter())
+            amap = model.anomaly_map(taps, self.feats)
+            t.append(time.perf_counter())
+            model.prompt_learner(amap)
+            t.append(time.perf_counter())
+            t0 = time.perf_counter()
+            few_shot_map(taps, [tp[0] for tp in taps])
+            out = {s: (t[k + 1] - t[k]) * 1e3 for k, s in enumerate(STAGES)}
+            out['fewshot'] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+def measure(chains: dict, frame: np.ndarray, runs: int, warmup: int, progress=None) -> dict:
+    """Time every chain ``warmup + runs`` times, interleaved run by run, on the same frame -> {name: figures}.
+    A chain's ``once`` may time only 'chain' (a compiled whole) instead of the stages."""
+    per = {name: [] for name in chains}
+    with PeakRSS() as run:
+        for i in range(warmup + runs):
+            for name, c in chains.items():
+                t = c.once(frame)
+                if i >= warmup:
+                    per[name].append(t)
+                if progress is not None:
+                    progress.update(1)
+    out = {}
+    for name, c in chains.items():
+        runs_ = per[name]
+        stages = {s: summarize([r[s] for r in runs_]) for s in runs_[0] if s != 'chain'}
+        stages['chain'] = summarize([r['chain'] if 'chain' in r else sum(r[s] for s in STAGES) for r in runs_])
+        out[name] = {'backend': c.backend, 'stages_ms': stages,
+                     'rss_mb': {'load': c.load.to_dict(), 'run_all': run.to_dict()}, **getattr(c, 'extra', {})}
+    return out
+
+
+def _single(chain, frame, runs, warmup, progress) -> dict:
+    res = measure({'c': chain}, frame, runs, warmup, progress)['c']
+    res['rss_mb']['run'] = res['rss_mb'].pop('run_all')
+    return res
 
 
 def bench_onnxruntime(setup: VisionSetup, precision: str, frame: np.ndarray, threads: int, runs: int,
                       warmup: int, progress=None, check_input: np.ndarray | None = None,
                       **runner_options) -> tuple[dict, dict]:
-    """The device path: OpenCV preprocessing and OrtRunner, as ``runtime.Pipeline`` runs them.
-    Returns (figures, outputs); the outputs are those of ``check_input`` when given (the baseline's
-    preprocessed frame: OpenCV and Pillow resize differently, so only the same tensor compares)."""
+    """``OrtChain`` timed on its own. Returns (figures, outputs); the outputs are those of ``check_input``
+    when given (the baseline's preprocessed frame: OpenCV and Pillow resize differently, so only the
+    same tensor compares), else of the frame as preprocessed here."""
     from ..models import spec
     from ..runtime.preprocess import preprocess
-    from ..runtime.runners import OrtRunner
-    with PeakRSS() as load:
-        r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=threads, **runner_options)
-             for c, p in setup.onnx[precision].items()}
-    per_run, fewshot, last = [], [], {}
-    with PeakRSS() as run:
-        for i in range(warmup + runs):
-            t = [time.perf_counter()]
-            x = preprocess(frame, spec.CLIP_MEAN, spec.CLIP_STD, spec.IMAGE_SIZE, 'squash')
-            t.append(time.perf_counter())
-            enc = r['encoder'].infer({'image': x})
-            t.append(time.perf_counter())
-            amap = r['decoder'].infer({'taps': enc['taps'], 'text_features': setup.text_features})['anomaly_map']
-            t.append(time.perf_counter())
-            prompts = r['prompt_learner'].infer({'anomaly_map': amap})['prompts']
-            t.append(time.perf_counter())
-            memory = np.ascontiguousarray(enc['taps'][0])  # one normal reference: [4, 256, C]
-            t0 = time.perf_counter()
-            r['fewshot'].infer({'taps': enc['taps'], 'memory': memory})
-            t_fs = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                per_run.append({s: (t[k + 1] - t[k]) * 1e3 for k, s in enumerate(STAGES)})
-                fewshot.append(t_fs)
-            if progress is not None:
-                progress.update(1)
-        if check_input is not None:
-            x = check_input
-            enc = r['encoder'].infer({'image': x})
-            amap = r['decoder'].infer({'taps': enc['taps'], 'text_features': setup.text_features})['anomaly_map']
-            prompts = r['prompt_learner'].infer({'anomaly_map': amap})['prompts']
-        last = {'anomaly_map': amap, 'prompts': prompts, 'image_token': enc['image_token'], 'input': x}
-    providers = next(iter(r.values())).providers
-    del r
-    extra = ''.join(f', {k}={v}' for k, v in runner_options.items())
-    return _collect(per_run, fewshot, {'load': load.to_dict(), 'run': run.to_dict()},
-                    f"onnxruntime {precision} ({', '.join(providers)}, {threads} intra-op threads{extra})"), last
+    chain = OrtChain(setup, precision, threads, **runner_options)
+    res = _single(chain, frame, runs, warmup, progress)
+    x = check_input if check_input is not None else preprocess(frame, spec.CLIP_MEAN, spec.CLIP_STD,
+                                                               spec.IMAGE_SIZE, 'squash')
+    last = chain.outputs(x)
+    chain.close()
+    return res, last
 
 
 def bench_torch(setup: VisionSetup, dtype: str, frame: np.ndarray, threads: int, runs: int, warmup: int,
                 progress=None) -> tuple[dict, dict]:
-    """The reference code path (``ReferencePipeline.vision``): Pillow preprocessing, the model's own
-    modules in eager mode, in ``dtype`` ('fp32' or 'bf16')."""
-    import torch
-    from PIL import Image
-
-    from ..models.decoder import few_shot_map
-    from ..models.preprocess import pil_preprocess
-    torch.set_num_threads(threads)
-    tdtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dtype]
-    with PeakRSS() as load:
-        model = setup.model if dtype == 'fp32' else copy.deepcopy(setup.model).to(tdtype)
-        feats = torch.from_numpy(setup.text_features).to(tdtype)
-    per_run, fewshot = [], []
-    with PeakRSS() as run, torch.inference_mode():
-        for i in range(warmup + runs):
-            t = [time.perf_counter()]
-            x = pil_preprocess(Image.fromarray(frame), 'squash').to(tdtype)
-            t.append(time.perf_counter())
-            emb, taps = model.encode_image(x)
-            token = model.image_token(emb)
-            t.append(time.perf_counter())
-            amap = model.anomaly_map(taps, feats)
-            t.append(time.perf_counter())
-            prompts = model.prompt_learner(amap)
-            t.append(time.perf_counter())
-            t0 = time.perf_counter()
-            few_shot_map(taps, [tp[0] for tp in taps])
-            t_fs = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                per_run.append({s: (t[k + 1] - t[k]) * 1e3 for k, s in enumerate(STAGES)})
-                fewshot.append(t_fs)
-            if progress is not None:
-                progress.update(1)
-    last = {'anomaly_map': amap.float().numpy(), 'prompts': prompts.float().numpy(),
-            'image_token': token.float().numpy(), 'input': x.float().numpy()}
-    if model is not setup.model:
-        del model
-    return _collect(per_run, fewshot, {'load': load.to_dict(), 'run': run.to_dict()},
-                    f'torch {dtype} eager ({threads} threads)'), last
+    """``TorchChain`` timed on its own; returns (figures, outputs on the frame)."""
+    chain = TorchChain(setup, dtype, threads)
+    res = _single(chain, frame, runs, warmup, progress)
+    last = chain.outputs(frame)
+    chain.close()
+    return res, last
 
 
 def agreement(ours: dict, reference: dict) -> dict:

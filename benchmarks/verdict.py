@@ -9,7 +9,8 @@ decoder, prompt learner); the LLM at Vicuna-7B width is measured at ``llm_layers
 figure extrapolated to 32 layers (t = a + b * layers, labelled). The levers:
 
 - vision: ONNX Runtime FP32, INT8 dynamic (``calibration.int8`` method 'dynamic'), INT8 static Q/DQ
-  (method 'minmax', ONNX Runtime target), thread spinning off; PyTorch eager FP32, eager bf16 and
+  (method 'minmax', ONNX Runtime target), ONNX Runtime's thread spinning on (its default) or off (ours);
+  PyTorch eager FP32, eager bf16 and
   bf16 + ``torch.compile`` with weight freezing (its best on a CPU with native bf16);
 - LLM: GGUF type (Q4_K_M, Q4_0, Q8_0), the prompt as one embedding batch or one call per segment,
   llama.cpp's CPU weight repacking on/off, flash attention on/off, the constant prefix cached across
@@ -64,16 +65,18 @@ LLM_VARIANTS = (
     LlmVariant('q4_0, one batch, repack on', 'q4_0', repack=True),
     LlmVariant('q8_0, one batch', 'q8_0'),
     LlmVariant('q8_0, one batch, repack on', 'q8_0', repack=True),
+    LlmVariant('bf16, one batch', 'bf16'),
     LlmVariant('q4_k_m, one batch, cached prefix', 'q4_k_m', cached_prefix=True),
     LlmVariant('q4_0, one batch, repack on, cached prefix', 'q4_0', repack=True, cached_prefix=True),
 )
 
 # name -> (graph set, OrtRunner options)
 VISION_OURS = {
+    'ort_fp32_spin (before)': ('fp32', {'spin': True}),
     'ort_fp32': ('fp32', {}),
-    'ort_int8_dynamic': ('int8_dynamic', {}),
     'ort_int8_static': ('int8_static', {}),
-    'ort_int8_dynamic_no_spin': ('int8_dynamic', {'spin': False}),
+    'ort_int8_dynamic_spin': ('int8_dynamic', {'spin': True}),
+    'ort_int8_dynamic': ('int8_dynamic', {}),
 }
 VISION_BASELINES = ('torch_fp32', 'torch_bf16', 'torch_bf16_compiled')
 
@@ -133,50 +136,54 @@ def quantize_encoder(setup, work: Path, method: str, n_images: int, seed: int) -
     return out
 
 
-def bench_torch_compiled(setup, frame: np.ndarray, threads: int, runs: int, warmup: int, progress=None) -> dict:
+class TorchCompiledChain:
     """PyTorch bf16 with ``torch.compile`` (inductor, weights frozen into the graph): the reference
-    chain as one compiled function. Compilation is timed separately and not counted."""
-    import copy
+    chain (Pillow preprocessing, encoder, decoder, prompt learner) as one compiled function, timed as
+    a whole. Compilation happens at construction and is reported, not counted."""
 
-    import torch
-    import torch._inductor.config as inductor_config
-    from PIL import Image
+    def __init__(self, setup, frame: np.ndarray, threads: int):
+        import copy
 
-    from ..models.preprocess import pil_preprocess
-    torch.set_num_threads(threads)
-    inductor_config.freezing = True
-    model = copy.deepcopy(setup.model).to(torch.bfloat16).eval()
-    feats = torch.from_numpy(setup.text_features).to(torch.bfloat16)
+        import torch
+        import torch._inductor.config as inductor_config
+        self.torch, self.threads = torch, threads
+        torch.set_num_threads(threads)
+        inductor_config.freezing = True
+        with PeakRSS() as self.load:
+            model = copy.deepcopy(setup.model).to(torch.bfloat16).eval()
+            feats = torch.from_numpy(setup.text_features).to(torch.bfloat16)
 
-    def chain(x):
-        emb, taps = model.encode_image(x)
-        amap = model.anomaly_map(taps, feats)
-        return model.image_token(emb), amap, model.prompt_learner(amap)
+            def chain(x):
+                emb, taps = model.encode_image(x)
+                amap = model.anomaly_map(taps, feats)
+                return model.image_token(emb), amap, model.prompt_learner(amap)
 
-    compiled = torch.compile(chain)
-    times = []
-    with PeakRSS() as run, torch.inference_mode():
-        x = pil_preprocess(Image.fromarray(frame), 'squash').to(torch.bfloat16)
-        t0 = time.perf_counter()
-        compiled(x)
-        compile_s = time.perf_counter() - t0
-        for i in range(warmup + runs):
+            self.model, self.compiled = model, torch.compile(chain)
             t0 = time.perf_counter()
-            x = pil_preprocess(Image.fromarray(frame), 'squash').to(torch.bfloat16)
-            compiled(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-            if progress is not None:
-                progress.update(1)
-    del compiled, model
-    torch._dynamo.reset()
-    return {'backend': f'torch bf16 + torch.compile (inductor, freezing; {threads} threads)',
-            'stages_ms': {'chain': summarize(times)}, 'compile_s': round(compile_s, 1), 'rss_mb': {'run': run.to_dict()}}
+            self.once(frame)
+            self.extra = {'compile_s': round(time.perf_counter() - t0, 1)}
+        self.backend = f'torch bf16 + torch.compile (inductor, freezing; {threads} threads)'
+
+    def once(self, frame: np.ndarray) -> dict:
+        from PIL import Image
+
+        from ..models.preprocess import pil_preprocess
+        torch = self.torch
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.compiled(pil_preprocess(Image.fromarray(frame), 'squash').to(torch.bfloat16))
+        return {'chain': (time.perf_counter() - t0) * 1e3}
+
+    def close(self) -> None:
+        self.compiled = self.model = None
+        self.torch._dynamo.reset()
 
 
 def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
+    """Every vision configuration loaded at once and timed interleaved, run by run, on one camera frame."""
     setup = bench_vision.prepare_vision(cfg, work, ('fp32',), None, opts.seed, log=_log)
-    for graph_set in {VISION_OURS[v][0] for v in opts.vision} - {'fp32'}:
+    for graph_set in sorted({VISION_OURS[v][0] for v in opts.vision} - {'fp32'}):
         method = graph_set.split('_', 1)[1].replace('static', 'minmax')
         _log(f"INT8 encoder ({method})")
         t0 = time.perf_counter()
@@ -184,27 +191,32 @@ def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
         setup.onnx[graph_set] = {**setup.onnx['fp32'], 'encoder': path}
         setup.notes.append(f"{graph_set}: encoder quantized in {time.perf_counter() - t0:.0f} s")
     frame = bench_vision.camera_frame(1024, opts.seed)
-    per = opts.warmup + opts.runs
-    out = {'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}, 'export_s': setup.export_s}
-    ref = None
-    for name in opts.baselines:
-        with _bar(per, f'vision {name}', opts.progress) as bar:
+    chains = {}
+    try:
+        for name in opts.baselines:
             if name == 'torch_bf16_compiled':
-                out['baseline'][name] = bench_torch_compiled(setup, frame, opts.threads, opts.runs, opts.warmup, bar)
+                _log("compiling the PyTorch bf16 chain (torch.compile, freezing)")
+                chains[('baseline', name)] = TorchCompiledChain(setup, frame, opts.threads)
             else:
-                out['baseline'][name], last = bench_vision.bench_torch(
-                    setup, name.split('_', 1)[1], frame, opts.threads, opts.runs, opts.warmup, bar)
-                if name == 'torch_fp32':
-                    ref = last
-        gc.collect()
-    for name in opts.vision:
-        graph_set, runner_opts = VISION_OURS[name]
-        with _bar(per, f'vision {name}', opts.progress) as bar:
-            out['ours'][name], last = bench_vision.bench_onnxruntime(
-                setup, graph_set, frame, opts.threads, opts.runs, opts.warmup, bar,
-                check_input=None if ref is None else ref['input'], **runner_opts)
+                chains[('baseline', name)] = bench_vision.TorchChain(setup, name.split('_', 1)[1], opts.threads)
+        for name in opts.vision:
+            graph_set, runner_opts = VISION_OURS[name]
+            chains[('ours', name)] = bench_vision.OrtChain(setup, graph_set, opts.threads, **runner_opts)
+        with _bar((opts.warmup + opts.runs) * len(chains), 'vision', opts.progress) as bar:
+            figures = bench_vision.measure(chains, frame, opts.runs, opts.warmup, bar)
+        out = {'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}, 'export_s': setup.export_s,
+               'method': 'all configurations loaded together and timed interleaved, run by run, on one frame'}
+        for (group, name), fig in figures.items():
+            out[group][name] = fig
+        ref = chains.get(('baseline', 'torch_fp32'))
         if ref is not None:
-            out['agreement_vs_torch_fp32'][name] = bench_vision.agreement(last, ref)
+            want = ref.outputs(frame)
+            for name in opts.vision:
+                got = chains[('ours', name)].outputs(want['input'])
+                out['agreement_vs_torch_fp32'][name] = bench_vision.agreement(got, want)
+    finally:
+        for c in chains.values():
+            c.close()
         gc.collect()
     out['notes'] = setup.notes
     return out, setup
@@ -212,6 +224,10 @@ def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
 
 # -- LLM --------------------------------------------------------------------------------------------
 def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r: None) -> dict:
+    """Per depth: every configuration (HF baselines, our session variants, raw llama.cpp) loaded at
+    once and timed interleaved run by run (``bench_llm.measure``)."""
+    import copy
+
     from ..models import spec
     from ..runtime.llama_session import LlamaSession
     variants = [v for v in LLM_VARIANTS if v.name in opts.llm_variants]
@@ -219,10 +235,10 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
     if unknown:
         raise ValueError(f"unknown LLM variants {sorted(unknown)}; known: {[v.name for v in LLM_VARIANTS]}")
     quants = sorted({v.quant for v in variants})
-    per = opts.warmup + opts.runs
-    kw = dict(runs=opts.runs, warmup=opts.warmup, n_decode=opts.decode_tokens, answer_tokens=1)
+    raw_q = 'q4_k_m' if 'q4_k_m' in quants else quants[0]
     res = {'layers_measured': list(opts.llm_layers), 'target_layers': cfg.llm.layers, 'ours': {}, 'baseline': {},
-           'gguf_bytes': {}, 'variants': {v.name: dataclasses.asdict(v) for v in variants}}
+           'raw_llama_cpp': {}, 'gguf_bytes': {}, 'variants': {v.name: dataclasses.asdict(v) for v in variants},
+           'method': 'per depth, all configurations loaded together and timed interleaved, run by run'}
     layout = None
     for n in opts.llm_layers:
         hf = bench_llm.build_hf(cfg.llm, n, opts.seed)
@@ -234,24 +250,35 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
                                                  opts.prompt_positions)
             res['prompt'] = {'positions': layout.n_positions, 'constant_prefix': len(layout.segments[0][1]),
                              'segments': [[k, len(v) if k == 'tokens' else v] for k, v in layout.segments]}
-        for dtype in opts.hf_baselines:
-            with _bar(per, f'LLM {n}L HF {dtype}', opts.progress) as bar:
-                res['baseline'].setdefault(f'hf_{dtype}', {'by_layers': {}})['by_layers'][n] = bench_llm.bench_hf(
-                    hf, dtype, layout, opts.threads, seed=opts.seed, progress=bar, **kw)
-        del hf
-        gc.collect()
         for q in quants:
             res['gguf_bytes'].setdefault(q, {})[n] = bench_llm.gguf_bytes(paths[q])
-        for v in variants:
-            with _bar(per, f'LLM {n}L {v.name}', opts.progress) as bar:
-                res['ours'].setdefault(v.name, {'by_layers': {}})['by_layers'][n] = bench_llm.bench_session(
-                    paths[v.quant], layout, opts.threads, seed=opts.seed, progress=bar, one_batch=v.one_batch,
-                    cached_prefix=v.cached_prefix, n_ctx=512, **v.session_kwargs(), **kw)
-        res.setdefault('gguf_paths', {})[n] = {q: str(p) for q, p in paths.items()}
+        runners, model = {}, None
+        try:
+            for dtype in opts.hf_baselines:
+                model = hf if dtype == opts.hf_baselines[-1] else copy.deepcopy(hf)
+                runners[('baseline', f'hf_{dtype}')] = bench_llm.HFRun(model, dtype, layout, opts.threads, opts.seed)
+            del hf, model
+            for v in variants:
+                runners[('ours', v.name)] = bench_llm.SessionRun(
+                    paths[v.quant], layout, opts.threads, n_ctx=512, seed=opts.seed, one_batch=v.one_batch,
+                    cached_prefix=v.cached_prefix, **v.session_kwargs())
+            runners[('raw_llama_cpp', raw_q)] = bench_llm.RawRun(paths[raw_q], layout.n_positions, opts.threads,
+                                                                 n_ctx=512, seed=opts.seed)
+            res.setdefault('bandwidth', {})[n] = memory_bandwidth(opts.threads)
+            with _bar((opts.warmup + opts.runs) * len(runners), f'LLM {n} layers', opts.progress) as bar:
+                figures = bench_llm.measure(runners, opts.runs, opts.warmup, opts.decode_tokens, 1, bar)
+        finally:
+            for r in runners.values():
+                r.close()
+            runners.clear()
+            gc.collect()
+        for (group, name), fig in figures.items():
+            res[group].setdefault(name, {'by_layers': {}})['by_layers'][n] = fig
+        res['gguf_paths'] = {**res.get('gguf_paths', {}), n: {q: str(p) for q, p in paths.items()}}
         save(res)
     target = cfg.llm.layers
     xs = list(opts.llm_layers)
-    for group in ('ours', 'baseline'):
+    for group in ('ours', 'baseline', 'raw_llama_cpp'):
         for entry in res[group].values():
             by = entry['by_layers']
             entry['at_target'] = {m: extrapolate(xs, [by[x][m]['median'] for x in xs], target)
@@ -264,7 +291,7 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
 
 # -- resident memory --------------------------------------------------------------------------------
 _MEMORY_PROBE = r'''
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import psutil
 from anomalygpt_edge.runtime.runners import OrtRunner
@@ -289,7 +316,8 @@ for _ in range(2):
     s.eval_embeddings((rng.standard_normal((a['positions'], s.n_embd)) * 0.02).astype(np.float32))
     s.generate(16, stop=())
 out['steady'] = rss()
-out['peak'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (a large benchmark process)
+out['peak'] = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
 print(json.dumps(out))
 '''
 
@@ -316,7 +344,7 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
     return {'by_layers': by, 'vision_mb': float(np.median([b['vision'] for b in by.values()])),
             'at_target': at, 'n_ctx': n_ctx, 'repack': repack,
             'method': 'one fresh process: the vision graphs (encoder, decoder, prompt learner) run twice, then the '
-                      'LLM prefill + 16 decode steps twice; RSS via psutil, peak via ru_maxrss; LLM depth fitted'}
+                      'LLM prefill + 16 decode steps twice; RSS via psutil, peak = VmHWM; LLM depth fitted'}
 
 
 # -- composition ------------------------------------------------------------------------------------
@@ -345,6 +373,26 @@ def compose(vision: dict, llm: dict) -> dict:
     return out
 
 
+def ceiling(llm: dict, bandwidth_gb_s: float) -> dict:
+    """Decode against the memory-bandwidth ceiling (bandwidth / bytes of all GGUF tensors, per token)
+    at the target depth, and our session's decode against raw llama.cpp on the same GGUF."""
+    out = {'bandwidth_gb_s': bandwidth_gb_s, 'variants': {}}
+    for name, entry in llm['ours'].items():
+        quant = llm['variants'][name]['quant']
+        nbytes = llm['gguf_bytes'][quant]['at_target']['tensors']
+        cap = bandwidth_gb_s * 1e9 / nbytes
+        out['variants'][name] = {'bytes': nbytes, 'ceiling_tok_s': cap, 'decode_tok_s': entry['at_target']['decode_tok_s'],
+                                 'fraction': entry['at_target']['decode_tok_s'] / cap}
+    for quant, raw in llm.get('raw_llama_cpp', {}).items():
+        same = next((n for n, v in llm['variants'].items() if v['quant'] == quant and v['one_batch']
+                     and not v['repack'] and v['flash_attn'] is None and not v['cached_prefix']), None)
+        if same:
+            out.setdefault('session_vs_raw', {})[quant] = {
+                'variant': same, 'decode': llm['ours'][same]['at_target']['decode_tok_s'] / raw['at_target']['decode_tok_s'],
+                'prefill': raw['at_target']['prefill_ms']['value'] / llm['ours'][same]['at_target']['prefill_ms']['value']}
+    return out
+
+
 def run_verdict(opts: VerdictOptions) -> dict:
     from ..models.config import get_config
     from ..models.tokenizer import reference_corpus, train_sentencepiece
@@ -367,19 +415,26 @@ def run_verdict(opts: VerdictOptions) -> dict:
             cfg = get_config(opts.config, vocab=vocab_size(tok))
         report['config'] = cfg.name
         report['vision'], setup = run_vision(opts, cfg, work)
+        setup.model = None  # the PyTorch vision model is not needed past this point
+        gc.collect()
         save({**report, 'partial': 'vision done'})
         report['llm'] = run_llm(opts, cfg, tok, work, lambda r: save({**report, 'llm': r, 'partial': 'LLM in progress'}))
         report['bandwidth']['end'] = memory_bandwidth(opts.threads)
+        report['ceiling'] = ceiling(report['llm'], max(b['read_gb_s'] for b in report['bandwidth'].values()))
         report['chain'] = compose(report['vision'], report['llm'])
         if opts.memory:
             graphs = setup.onnx.get('int8_dynamic') or setup.onnx['fp32']
             best_llm = report['llm']['variants'].get(report['chain']['best_ours'].split(' + ', 1)[1]) \
                 if report['chain']['best_ours'] else None
             quant = best_llm['quant'] if best_llm else 'q4_k_m'
-            report['memory'] = resident_memory(
-                graphs, setup.text_features, {n: p[quant] for n, p in report['llm']['gguf_paths'].items()},
-                opts.threads, bool(best_llm and best_llm['repack']), opts.prompt_positions, cfg.llm.layers, work)
+            repack = bool(best_llm and best_llm['repack'])
+            ggufs = {n: p[quant] for n, p in report['llm']['gguf_paths'].items()}
+            report['memory'] = resident_memory(graphs, setup.text_features, ggufs, opts.threads, repack,
+                                               opts.prompt_positions, cfg.llm.layers, work)
             report['memory']['quant'] = quant
+            # repacking's memory cost, the other way round, beside it
+            report['memory_repack_' + ('off' if repack else 'on')] = resident_memory(
+                graphs, setup.text_features, ggufs, opts.threads, not repack, opts.prompt_positions, cfg.llm.layers, work)
         report['wall_s'] = round(time.time() - t_start, 1)
         return report
     finally:
@@ -407,6 +462,13 @@ def markdown(report: dict) -> str:
             t = r['at_target']
             lines.append(f"| {name} | {t['prefill_ms']['value']:.0f} | {t['decode_tok_s']:.2f} | "
                          f"{t['verdict_ms']['value']:.0f} |")
+    ceil = report.get('ceiling')
+    if ceil:
+        lines += ['', f"Decode vs the bandwidth ceiling ({ceil['bandwidth_gb_s']} GB/s read):"]
+        for name, c in ceil['variants'].items():
+            lines.append(f"- {name}: {c['decode_tok_s']:.2f} of {c['ceiling_tok_s']:.2f} tok/s ({100 * c['fraction']:.0f} %)")
+        for quant, c in ceil.get('session_vs_raw', {}).items():
+            lines.append(f"- session vs raw llama.cpp ({quant}): decode {100 * c['decode']:.0f} %, prefill {100 * c['prefill']:.0f} %")
     ch = report['chain']
     if ch.get('best_ours'):
         o, b = ch['ours'][ch['best_ours']], ch['baseline'][ch['best_baseline']]
@@ -415,5 +477,11 @@ def markdown(report: dict) -> str:
     if report.get('memory'):
         mem = report['memory']['at_target']
         lines.append(f"Resident ({report['memory']['quant']}, {llm['target_layers']} layers, extrapolated): "
-                     f"steady {mem['steady']['value'] / 1024:.2f} GiB, peak {mem['peak']['value'] / 1024:.2f} GiB")
+                     f"steady {mem['steady']['value'] / 1024:.2f} GiB, peak {mem['peak']['value'] / 1024:.2f} GiB "
+                     f"(repack {'on' if report['memory']['repack'] else 'off'})")
+        for key in ('memory_repack_on', 'memory_repack_off'):
+            if report.get(key):
+                o = report[key]['at_target']
+                lines.append(f"  with repack {key.rsplit('_', 1)[1]}: steady {o['steady']['value'] / 1024:.2f} GiB, "
+                             f"peak {o['peak']['value'] / 1024:.2f} GiB")
     return '\n'.join(lines)
