@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_stats import PeakRSS, summarize
+from .bench_stats import PeakRSS, block_schedule, summarize
 
 EMBED_SCALE = 0.02  # the HF initializer range: random embeddings of the size token rows have
 VERDICT_STEPS = 1   # the verdict is known once "Yes" is evaluated and the token after it chosen (not evaluated)
@@ -117,7 +117,7 @@ def _decode_stats(prefill: list, steps: list[list[float]], answer_tokens: int) -
 
 class SessionRun:
     """``LlamaSession`` as the Pipeline drives it, one timed run per ``once()`` (so several runners can
-    be interleaved run by run and share whatever the machine does meanwhile).
+    be timed in turns, ``measure``).
 
     ``one_batch``: the prompt as one embedding batch (``LlamaSession.eval_segments``), else one call
     per segment; ``cached_prefix``: the first (constant) token segment is evaluated once and kept in the
@@ -263,20 +263,18 @@ class HFRun:
         self.model = self.embeds = None
 
 
-def measure(runners: dict, runs: int, warmup: int, n_decode: int, answer_tokens: int, progress=None) -> dict:
-    """Time every runner ``warmup + runs`` times, interleaved run by run (runner A, B, C, A, B, C ...), so
-    a change of the machine's state during the phase (these VMs' cores move between dies, and memory
-    bandwidth with them) falls on all of them alike. -> {name: figures}."""
+def measure(runners: dict, runs: int, warmup: int, n_decode: int, answer_tokens: int, progress=None,
+            rounds: int = 1) -> dict:
+    """Time every runner in blocks over ``rounds`` rounds (``bench_stats.block_schedule``) -> {name: figures}."""
     times = {name: ([], []) for name in runners}
     with PeakRSS() as run:
-        for i in range(warmup + runs):
-            for name, r in runners.items():
-                prefill, steps = r.once(n_decode)
-                if i >= warmup:
-                    times[name][0].append(prefill)
-                    times[name][1].append(steps)
-                if progress is not None:
-                    progress.update(1)
+        for name, measured in block_schedule(list(runners), runs, warmup, rounds):
+            prefill, steps = runners[name].once(n_decode)
+            if measured:
+                times[name][0].append(prefill)
+                times[name][1].append(steps)
+            if progress is not None:
+                progress.update(1)
     out = {}
     for name, r in runners.items():
         out[name] = _decode_stats(*times[name], answer_tokens)

@@ -45,6 +45,25 @@ def extrapolate(xs: Sequence[float], ys: Sequence[float], at: float) -> dict:
     return {'value': a + b * at, 'extrapolated': True, 'at': at, 'from': list(xs), 'fit': {'a': a, 'b': b}}
 
 
+def block_schedule(names: Sequence, runs: int, warmup: int, rounds: int = 1) -> list[tuple[object, bool]]:
+    """The order in which to time several configurations: ``rounds`` rounds, each giving every
+    configuration one contiguous block of ``warmup`` unmeasured runs and its share of the ``runs``
+    measured ones, the order reversed every other round. Blocks keep what one configuration leaves
+    running (ONNX Runtime's and OpenMP's spinning threads, llama.cpp's polling pool) inside its own
+    warm-up; rounds spread a change of the machine's state during the phase (these VMs' cores move
+    between dies, and memory bandwidth with them) over all configurations. -> [(name, measured)]."""
+    if runs < 1 or rounds < 1:
+        raise ValueError(f"runs and rounds must be >= 1, got {runs} and {rounds}")
+    rounds = min(rounds, runs)
+    shares = [runs // rounds + (1 if k < runs % rounds else 0) for k in range(rounds)]
+    order = list(names)
+    out = []
+    for k, share in enumerate(shares):
+        for name in (order if k % 2 == 0 else order[::-1]):
+            out += [(name, False)] * warmup + [(name, True)] * share
+    return out
+
+
 def time_calls(fn: Callable[[], object], runs: int, warmup: int, progress=None) -> list[float]:
     """Call ``fn`` warmup + runs times; the wall time of each measured call in ms."""
     if runs < 1:

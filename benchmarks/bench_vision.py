@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_stats import PeakRSS, summarize
+from .bench_stats import PeakRSS, block_schedule, summarize
 
 STAGES = ('preprocess', 'encoder', 'decoder', 'prompt_learner')
 GRAPHS = ('encoder', 'decoder', 'fewshot', 'prompt_learner')
@@ -162,18 +162,17 @@ class TorchChain:
         self.model = None
 
 
-def measure(chains: dict, frame: np.ndarray, runs: int, warmup: int, progress=None) -> dict:
-    """Time every chain ``warmup + runs`` times, interleaved run by run, on the same frame -> {name: figures}.
-    A chain's ``once`` may time only 'chain' (a compiled whole) instead of the stages."""
+def measure(chains: dict, frame: np.ndarray, runs: int, warmup: int, progress=None, rounds: int = 1) -> dict:
+    """Time every chain on the same frame in blocks over ``rounds`` rounds (``bench_stats.block_schedule``)
+    -> {name: figures}. A chain's ``once`` may time only 'chain' (a compiled whole) instead of the stages."""
     per = {name: [] for name in chains}
     with PeakRSS() as run:
-        for i in range(warmup + runs):
-            for name, c in chains.items():
-                t = c.once(frame)
-                if i >= warmup:
-                    per[name].append(t)
-                if progress is not None:
-                    progress.update(1)
+        for name, measured in block_schedule(list(chains), runs, warmup, rounds):
+            t = chains[name].once(frame)
+            if measured:
+                per[name].append(t)
+            if progress is not None:
+                progress.update(1)
     out = {}
     for name, c in chains.items():
         runs_ = per[name]

@@ -23,8 +23,10 @@ def add_arguments(p) -> None:
     p.add_argument('--config', choices=('tiny', 'huge'), default='huge')
     p.add_argument('--llm-layers', default='2,4', help='LLM depths to measure and fit (default: %(default)s)')
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--runs', type=int, default=5, help='measured runs per configuration (default: %(default)s)')
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--runs', type=int, default=6, help='measured runs per configuration (default: %(default)s)')
+    p.add_argument('--warmup', type=int, default=1, help='unmeasured runs at the start of each block (default: %(default)s)')
+    p.add_argument('--rounds', type=int, default=2,
+                   help='configurations are timed in blocks, this many rounds, order reversed each round (default: %(default)s)')
     p.add_argument('--decode-tokens', type=int, default=16, help='decode steps timed per LLM run (default: %(default)s)')
     p.add_argument('--vision', default=','.join(VISION_OURS), help='our vision configurations (default: all: %(default)s)')
     p.add_argument('--baselines', default=','.join(VISION_BASELINES), help='PyTorch vision baselines (default: %(default)s)')
@@ -49,7 +51,10 @@ def run(args) -> int:
         print("anomalygpt-edge bench-verdict: --llm-layers needs two depths or more (the fit)", file=sys.stderr)
         return 2
     variants = tuple(v.strip() for v in args.llm_variants.split(';')) if args.llm_variants else tuple(v.name for v in LLM_VARIANTS)
-    opts = VerdictOptions(config=args.config, llm_layers=layers, threads=args.threads, runs=args.runs,
+    if args.runs < 1 or args.rounds < 1:
+        print("anomalygpt-edge bench-verdict: --runs and --rounds must be >= 1", file=sys.stderr)
+        return 2
+    opts = VerdictOptions(config=args.config, llm_layers=layers, threads=args.threads, runs=args.runs, rounds=args.rounds,
                           warmup=args.warmup, decode_tokens=args.decode_tokens, vision=_list(args.vision),
                           baselines=_list(args.baselines), llm_variants=variants, memory=not args.no_memory,
                           work_dir=args.work_dir, progress=not args.quiet, on_phase=lambda r: write_json(args.json, r),

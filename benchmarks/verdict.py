@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bench_llm, bench_vision
-from .bench_stats import PeakRSS, extrapolate, summarize
+from .bench_stats import PeakRSS, block_schedule, extrapolate
 from .machine import machine_info, memory_bandwidth
 
 SCHEMA = 'anomalygpt-edge-bench-verdict/1'
@@ -86,8 +86,9 @@ class VerdictOptions:
     config: str = 'huge'
     llm_layers: tuple = (2, 4)
     threads: int = 2
-    runs: int = 5
-    warmup: int = 1
+    runs: int = 6
+    warmup: int = 1               # unmeasured runs at the start of every block
+    rounds: int = 2
     decode_tokens: int = 16
     prompt_positions: int = PROMPT_POSITIONS
     calibration_images: int = 8
@@ -181,7 +182,7 @@ class TorchCompiledChain:
 
 
 def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
-    """Every vision configuration loaded at once and timed interleaved, run by run, on one camera frame."""
+    """Every vision configuration loaded at once and timed in blocks over rounds, on one camera frame."""
     setup = bench_vision.prepare_vision(cfg, work, ('fp32',), None, opts.seed, log=_log)
     for graph_set in sorted({VISION_OURS[v][0] for v in opts.vision} - {'fp32'}):
         method = graph_set.split('_', 1)[1].replace('static', 'minmax')
@@ -202,10 +203,11 @@ def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
         for name in opts.vision:
             graph_set, runner_opts = VISION_OURS[name]
             chains[('ours', name)] = bench_vision.OrtChain(setup, graph_set, opts.threads, **runner_opts)
-        with _bar((opts.warmup + opts.runs) * len(chains), 'vision', opts.progress) as bar:
-            figures = bench_vision.measure(chains, frame, opts.runs, opts.warmup, bar)
+        with _bar(len(block_schedule(chains, opts.runs, opts.warmup, opts.rounds)), 'vision', opts.progress) as bar:
+            figures = bench_vision.measure(chains, frame, opts.runs, opts.warmup, bar, opts.rounds)
         out = {'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}, 'export_s': setup.export_s,
-               'method': 'all configurations loaded together and timed interleaved, run by run, on one frame'}
+               'method': 'all configurations loaded together, timed in blocks (each with its own warm-up) over '
+                         f'{opts.rounds} rounds, the order reversed each round, on one frame'}
         for (group, name), fig in figures.items():
             out[group][name] = fig
         ref = chains.get(('baseline', 'torch_fp32'))
@@ -225,7 +227,7 @@ def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
 # -- LLM --------------------------------------------------------------------------------------------
 def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r: None) -> dict:
     """Per depth: every configuration (HF baselines, our session variants, raw llama.cpp) loaded at
-    once and timed interleaved run by run (``bench_llm.measure``)."""
+    once and timed in blocks over rounds (``bench_llm.measure``)."""
     import copy
 
     from ..models import spec
@@ -238,7 +240,8 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
     raw_q = 'q4_k_m' if 'q4_k_m' in quants else quants[0]
     res = {'layers_measured': list(opts.llm_layers), 'target_layers': cfg.llm.layers, 'ours': {}, 'baseline': {},
            'raw_llama_cpp': {}, 'gguf_bytes': {}, 'variants': {v.name: dataclasses.asdict(v) for v in variants},
-           'method': 'per depth, all configurations loaded together and timed interleaved, run by run'}
+           'method': f'per depth, all configurations loaded together, timed in blocks (each with its own '
+                     f'warm-up) over {opts.rounds} rounds, the order reversed each round'}
     layout = None
     for n in opts.llm_layers:
         hf = bench_llm.build_hf(cfg.llm, n, opts.seed)
@@ -265,8 +268,9 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
             runners[('raw_llama_cpp', raw_q)] = bench_llm.RawRun(paths[raw_q], layout.n_positions, opts.threads,
                                                                  n_ctx=512, seed=opts.seed)
             res.setdefault('bandwidth', {})[n] = memory_bandwidth(opts.threads)
-            with _bar((opts.warmup + opts.runs) * len(runners), f'LLM {n} layers', opts.progress) as bar:
-                figures = bench_llm.measure(runners, opts.runs, opts.warmup, opts.decode_tokens, 1, bar)
+            with _bar(len(block_schedule(runners, opts.runs, opts.warmup, opts.rounds)), f'LLM {n} layers',
+                      opts.progress) as bar:
+                figures = bench_llm.measure(runners, opts.runs, opts.warmup, opts.decode_tokens, 1, bar, opts.rounds)
         finally:
             for r in runners.values():
                 r.close()

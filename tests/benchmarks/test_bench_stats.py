@@ -128,3 +128,22 @@ def test_bandwidth_probe_reports_every_kernel():
     # the ceiling uses reads only: decode reads weights, it writes next to nothing
     assert bw['read_gb_s'] == max(bw['kernels'][k]['best'] for k in ('max', 'dot'))
     assert bw['kernel'] in ('max', 'dot') and bw['copy_gb_s'] == bw['kernels']['copy']['best']
+
+
+def test_block_schedule_gives_each_configuration_its_runs_in_warm_blocks():
+    from anomalygpt_edge.benchmarks.bench_stats import block_schedule
+    sched = block_schedule(['a', 'b', 'c'], runs=5, warmup=1, rounds=2)
+    for name in 'abc':
+        assert sum(1 for n, m in sched if n == name and m) == 5
+        assert sum(1 for n, m in sched if n == name and not m) == 2        # one warm-up per block
+    blocks = [sched[0][0]]
+    for (prev, _), (cur, _) in zip(sched, sched[1:]):
+        if cur != prev:
+            blocks.append(cur)
+    assert blocks == ['a', 'b', 'c', 'b', 'a']  # reversed each round (c's two blocks touch)
+    # every block starts with its warm-up
+    starts = [i for i in range(len(sched)) if i == 0 or sched[i][0] != sched[i - 1][0]]
+    assert all(not sched[i][1] for i in starts)
+    assert block_schedule(['a'], runs=2, warmup=0, rounds=5) == [('a', True), ('a', True)]
+    with pytest.raises(ValueError):
+        block_schedule(['a'], runs=0, warmup=1)
