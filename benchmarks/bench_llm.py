@@ -227,10 +227,12 @@ class RawRun:
 
 class HFRun:
     """The baseline: HF ``LlamaForCausalLM`` fed ``inputs_embeds``, decoding with its KV cache. ``model``
-    is cast in place to ``dtype``. Prefill is one forward with all logits (as the reference calls it);
-    no detokenization per step (which the reference also pays)."""
+    is cast in place to ``dtype``. Prefill is one forward with all logits, as the reference calls it,
+    or (``last_logits_only``, PyTorch at its best) with the last position's only; no detokenization
+    per step (which the reference also pays)."""
 
-    def __init__(self, model, dtype: str, layout: Layout, threads: int, seed: int = 0):
+    def __init__(self, model, dtype: str, layout: Layout, threads: int, seed: int = 0, last_logits_only: bool = False):
+        self.keep = {'logits_to_keep': 1} if last_logits_only else {}
         import torch
         self.torch, self.threads = torch, threads
         torch.set_num_threads(threads)
@@ -250,7 +252,7 @@ class HFRun:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(inputs_embeds=self.embeds, use_cache=True)
+            out = model(inputs_embeds=self.embeds, use_cache=True, **self.keep)
             t1 = time.perf_counter()
             stamps = [t1]
             for _ in range(n_decode):

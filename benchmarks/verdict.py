@@ -259,7 +259,9 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
         try:
             for dtype in opts.hf_baselines:
                 model = hf if dtype == opts.hf_baselines[-1] else copy.deepcopy(hf)
-                runners[('baseline', f'hf_{dtype}')] = bench_llm.HFRun(model, dtype, layout, opts.threads, opts.seed)
+                # PyTorch at its best: logits of the last prompt position only (the reference computes all)
+                runners[('baseline', f'hf_{dtype}')] = bench_llm.HFRun(model, dtype, layout, opts.threads, opts.seed,
+                                                                       last_logits_only=True)
             del hf, model
             for v in variants:
                 runners[('ours', v.name)] = bench_llm.SessionRun(
