@@ -99,7 +99,7 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
             f"calibrating {name} on {len(batches.paths)} images ({method}) ...")
         info = quantize_onnx(bundle.path(fp32['file']), candidate, batches, 'encoder', 'image', opts)
         log("accuracy gate on the held-out images ...")
-        with Pipeline(bundle, llm=False) as ref, Pipeline(bundle, llm=False) as cand:
+        with Pipeline(bundle, llm=False, precision='fp32') as ref, Pipeline(bundle, llm=False, precision='fp32') as cand:
             cand.runners['encoder'] = OrtRunner(candidate, name=f'onnxruntime:{name}')
             report = accuracy_gate(ref, cand, heldout, k_shot=k_shot, max_drop=max_drop, max_map_mae=max_map_mae)
         if not report.passed:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ('minmax', 'entropy', 'percentile', 'dynamic')  # dynamic: ONNX Runtime only, no calibration images
 TARGETS = ('tensorrt', 'onnxruntime')
+EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a graph keeps them in one .data file
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 # Per component: whether every node after an L2 normalisation stays FP32 (as the FP16 policy)
 AFTER_NORMALISE = {'encoder': True, 'decoder': True, 'fewshot': False, 'prompt_learner': False}
@@ -131,7 +132,7 @@ def quantize_onnx(src, dst, batches: ImageBatches | None, component: str = 'enco
         # quantization reads the graph by path (keeps external data working); unnamed nodes got
         # names above, so the block list needs the named copy
         named = staging / 'named.onnx'
-        big = weights > 2**31 - 2**26
+        big = weights > EXTERNAL_DATA_OVER
         model = onnx.load(str(src))
         fp32_nodes(model, component)
         if big:
@@ -165,11 +166,15 @@ def quantize_onnx(src, dst, batches: ImageBatches | None, component: str = 'enco
                                    "outside the FP32 islands?)")
         data = None
         if big:
+            # re-saved into one data file of its own name, in a folder of its own: the quantizer's
+            # data file may carry that name already, and onnx appends to an existing file
             data = dst.name + '.data'
-            onnx.save_model(onnx.load(str(out)), str(staging / 'final.onnx'), save_as_external_data=True,
+            final = staging / 'final'
+            final.mkdir()
+            onnx.save_model(onnx.load(str(out)), str(final / dst.name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data)
-            os.replace(staging / data, dst.parent / data)
-            os.replace(staging / 'final.onnx', dst)
+            os.replace(final / data, dst.parent / data)
+            os.replace(final / dst.name, dst)
         else:
             os.replace(out, dst)
     finally:

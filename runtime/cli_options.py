@@ -1,15 +1,23 @@
 """Options and set-up shared by the device-side commands (inspect, watch, serve)."""
 from __future__ import annotations
 
+from .pipeline import DEFAULT_N_CTX
+
 
 def add_backend_arguments(p) -> None:
-    p.add_argument('--precision', default='fp32', help='vision graph precision from the bundle (default: %(default)s)')
+    p.add_argument('--precision', default='auto',
+                   help="vision graph precision: fp32, fp16, int8, or auto = int8 when the bundle has a gated INT8 "
+                        "encoder (ONNX Runtime) / the best engines built for this GPU (TensorRT), else fp32 "
+                        "(default: %(default)s)")
     p.add_argument('--backend', choices=('onnxruntime', 'tensorrt', 'auto'), default='onnxruntime',
                    help='vision backend; auto = TensorRT when engines for this GPU exist (default: %(default)s)')
     p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
     p.add_argument('--threads', type=int, help='CPU threads for ONNX Runtime and llama.cpp')
     p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's, squash)")
     p.add_argument('--verify', action='store_true', help='check every file sha256 against the manifest first')
+    p.add_argument('--n-ctx', type=int, default=DEFAULT_N_CTX,
+                   help='LLM context in positions: one question and its answer (default: %(default)s; the KV '
+                        'cache takes n_ctx x 0.5 MiB at Vicuna-7B size, so a larger one costs memory)')
 
 
 def add_question_arguments(p) -> None:
@@ -28,7 +36,8 @@ def open_pipeline(args):
     """The bundle's pipeline with the backend options; raises BundleError/OSError."""
     from .pipeline import Pipeline
     return Pipeline.from_bundle(args.bundle, verify_hashes=args.verify, llm=not args.no_llm, precision=args.precision,
-                                backend=args.backend, quant=args.quant, threads=args.threads, resize_mode=args.resize)
+                                backend=args.backend, quant=args.quant, threads=args.threads, resize_mode=args.resize,
+                                n_ctx=args.n_ctx)
 
 
 def few_shot_memory(pipe, args, save_to: str | None = None):

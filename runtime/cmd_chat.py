@@ -14,14 +14,17 @@ def add_arguments(p) -> None:
     p.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='normal images for few-shot mode')
     p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
     p.add_argument('--threads', type=int, help='CPU threads')
+    p.add_argument('--n-ctx', type=int, default=2048,
+                   help='LLM context in positions: the whole conversation must fit (default: %(default)s)')
 
 
 def run(args) -> int:
     from .bundle import BundleError
+    from .llama_session import LlamaError
     from .pipeline import Pipeline
     from .preprocess import ImageError
     try:
-        pipe = Pipeline.from_bundle(args.bundle, quant=args.quant, threads=args.threads)
+        pipe = Pipeline.from_bundle(args.bundle, quant=args.quant, threads=args.threads, n_ctx=args.n_ctx)
         chat = pipe.chat(args.image, class_name=args.class_name, describe=args.describe, references=args.reference)
     except (BundleError, ImageError, KeyError, OSError) as e:
         print(f"anomalygpt-edge chat: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
@@ -35,6 +38,10 @@ def run(args) -> int:
             line = sys.stdin.readline()
             if not line or line.strip() in ('exit', 'quit'):
                 break
-            answer = chat.ask(line.strip() or None)
+            try:
+                answer = chat.ask(line.strip() or None)
+            except LlamaError as e:
+                print(f"anomalygpt-edge chat: {e} (after {len(chat.history)} turns)", file=sys.stderr)
+                return 2
             print(answer, flush=True)
     return 0

@@ -64,9 +64,10 @@ def run(args) -> int:
                 verdict = (res.verdict or 'n/a').upper()
                 if res.verdict_source == 'threshold':
                     verdict += f' (threshold {res.threshold:.3f}, no LLM)'
-                elif (t := pipe.threshold_for(res.class_name, memory)) is not None:
+                elif res.map_verdict is not None:
                     # the calibrated map threshold's call, shown beside the LLM's, never in its place
-                    verdict += f" (map {'above' if res.score > t else 'within'} calibrated threshold {t:.3f})"
+                    verdict += (f" (map {'above' if res.map_verdict == 'yes' else 'within'} calibrated threshold "
+                                f"{res.threshold:.3f})")
                 print(f"{image}: {verdict}  score {res.score:.3f}  hot regions: {where}  "
                       f"({res.timings_ms['total']:.0f} ms)")
                 if res.answer is not None:

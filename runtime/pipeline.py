@@ -31,7 +31,9 @@ class Result:
     original_size: tuple[int, int] | None = None   # (height, width) of the input image
     few_shot: bool = False
     verdict_source: str | None = None     # 'llm', or 'threshold' (LLM-free: score vs a calibrated threshold)
-    threshold: float | None = None        # the calibrated score threshold behind a 'threshold' verdict
+    threshold: float | None = None        # the class's calibrated score threshold, when it has one
+    map_verdict: str | None = None        # 'yes'/'no' from score vs threshold, known before the LLM runs
+                                          # (the two-speed verdict; never the LLM's)
 
     def map_at_original(self) -> np.ndarray:
         """The map resized to the input image's size (squash mode inverts exactly this way)."""
@@ -49,12 +51,15 @@ class Result:
             d['verdict_source'] = self.verdict_source
         if self.threshold is not None:
             d['threshold'] = round(self.threshold, 6)
+        if self.map_verdict is not None:
+            d['map_verdict'] = self.map_verdict
         if include_map:
             d['anomaly_map'] = self.anomaly_map.tolist()
         return d
 
 
 PREFILL_MODES = ('one-batch', 'segments')
+DEFAULT_N_CTX = 512  # a prompt (~100 positions) and a 128-token answer; chat asks for more
 
 
 class _Timer:
@@ -71,11 +76,12 @@ class _Timer:
 class Pipeline:
     """``Pipeline.from_bundle(path).inspect(image, class_name=...)``."""
 
-    def __init__(self, bundle: Bundle, precision: str = 'fp32', backend: str = 'onnxruntime',
-                 llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = 2048,
+    def __init__(self, bundle: Bundle, precision: str = 'auto', backend: str = 'onnxruntime',
+                 llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
                  exact_llm: bool = False, resize_mode: str | None = None, max_new_tokens: int = 128,
                  prefill: str = 'one-batch', repack: bool = False):
-        """``prefill``: 'one-batch' sends each prompt to llama.cpp as one embedding batch (token rows from
+        """``precision``: 'auto' takes the fastest the bundle offers for the backend (see ``resolve_precision``);
+        ``prefill``: 'one-batch' sends each prompt to llama.cpp as one embedding batch (token rows from
         the GGUF's own table), 'segments' as one call per token/embedding segment (benchmarks/README:
         one batch is faster, same answers); ``repack``: llama.cpp's CPU weight repacking."""
         if prefill not in PREFILL_MODES:
@@ -90,7 +96,8 @@ class Pipeline:
         self.default_class = m.get('default_class', 'object')
         self.text_features = np.load(bundle.path(m['text_features']['file']))
         self.max_new_tokens = max_new_tokens
-        self.precision, self.backend = precision, backend
+        self.backend = backend
+        self.precision = precision = self.resolve_precision(precision, backend)
         self.thresholds = m.get('thresholds', {})
         self.runners = {name: self._runner(name, precision, backend, threads)
                         for name in ('encoder', 'decoder', 'fewshot', 'prompt_learner') if name in m['components']}
@@ -104,6 +111,20 @@ class Pipeline:
         return cls(Bundle.open(path, verify_hashes=verify_hashes), **kwargs)
 
     # -- construction -------------------------------------------------------------------------
+    def resolve_precision(self, precision: str, backend: str) -> str:
+        """'auto' -> on TensorRT, the first of int8/fp16/fp32 whose engines match this GPU; on ONNX
+        Runtime, 'int8' when the bundle has an INT8 encoder (``calibrate int8`` adds one only after it
+        passed the accuracy gate; 3.4x the FP32 encoder on the VNNI CPU of benchmarks/README.md),
+        else 'fp32'. Any other value is returned as given."""
+        if precision != 'auto':
+            return precision
+        if backend in ('tensorrt', 'auto'):
+            from .engines import tensorrt_usable
+            usable = next((p for p in ('int8', 'fp16', 'fp32') if tensorrt_usable(self.bundle, p)), None)
+            if usable or backend == 'tensorrt':
+                return usable or 'fp16'  # none built: the TensorRT runner then says which engines to build
+        return 'int8' if 'int8' in self.bundle.manifest['components'].get('encoder', {}) else 'fp32'
+
     def _runner(self, name, precision, backend, threads):
         if backend == 'auto':
             from .engines import tensorrt_usable
@@ -321,22 +342,25 @@ class Pipeline:
                 memory = self.memory(references)
         token, amap, prompts = self.vision(x, cls, memory, timings)
         m = amap[0, 0]
-        verdict = answer = source = score_threshold = None
+        verdict = answer = source = map_verdict = None
+        score_threshold = self.threshold_for(cls, memory)
+        if score_threshold is not None:
+            map_verdict = 'yes' if float(m.max()) > score_threshold else 'no'
+            timings['map_verdict'] = (time.perf_counter() - t_all) * 1e3
         ids: list[int] = []
         if llm and self.session is not None:
             q = self.question(cls, describe, question)
             ids, answer = self.answer(self.llm_segments(token, prompts, self.prompt_text(q), object()),
                                       verdict_first, timings)
             verdict, source = parse_verdict(answer), 'llm'
-        else:
-            score_threshold = self.threshold_for(cls, memory)
-            if score_threshold is not None:
-                verdict, source = ('yes' if float(m.max()) > score_threshold else 'no'), 'threshold'
+        elif map_verdict is not None:
+            verdict, source = map_verdict, 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
         return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
                       locations=locations(m, self.prompt['location_words'], threshold), verdict=verdict,
                       answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
-                      few_shot=memory is not None, verdict_source=source, threshold=score_threshold)
+                      few_shot=memory is not None, verdict_source=source, threshold=score_threshold,
+                      map_verdict=map_verdict)
 
     def chat(self, image, **kwargs) -> "Chat":
         return Chat(self, image, **kwargs)

@@ -110,7 +110,7 @@ class OrtRunner(NamedIO):
     ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime thread pools (None = its default);
     ``spin``: whether idle pool threads busy-wait after a call. Off by default: the chain runs several
     sessions back to back, and on a small CPU each session's spinning threads take the cores from the
-    next one (ImageBind-Huge INT8 chain on 2 cores: 0.83 s with spinning, 0.58 s without;
+    next one (ImageBind-Huge INT8 chain on 2 cores: 0.88 s with spinning, 0.62 s without;
     benchmarks/README.md). None leaves ONNX Runtime's own default (spinning)."""
 
     def __init__(self, path, providers='auto', intra_op_threads: int | None = None,

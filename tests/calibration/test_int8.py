@@ -96,7 +96,11 @@ def test_gate_keeps_a_good_calibration(tiny_bundle, data, tmp_path):
     assert entry['tolerance'] and entry['gate']['passed'] and entry['source']['file'] == 'encoder.onnx'
     assert entry['quantization']['calibration']['method'] == 'minmax'
     # the runtime runs it: INT8 encoder, the other graphs FP32
-    with Pipeline(b, llm=False, precision='int8') as p8, Pipeline(b, llm=False) as p32:
+    with Pipeline(b, llm=False) as auto, Pipeline(Bundle.open(tiny_bundle), llm=False) as plain:
+        # the default precision takes the gated INT8 encoder when the bundle has one, else FP32
+        assert (auto.precision, auto.runners['encoder'].path.name) == ('int8', 'encoder-int8.onnx')
+        assert (plain.precision, plain.runners['encoder'].path.name) == ('fp32', 'encoder.onnx')
+    with Pipeline(b, llm=False, precision='int8') as p8, Pipeline(b, llm=False, precision='fp32') as p32:
         assert p8.runners['encoder'].path.name == 'encoder-int8.onnx'
         assert p8.runners['decoder'].path.name == 'decoder.onnx'
         img = next((data['mvtec'] / 'wood_grain' / 'test' / 'hole').glob('*.png'))
@@ -132,3 +136,65 @@ def test_histogram_calibration_with_a_short_last_batch(tiny_bundle, data, tmp_pa
                    max_drop=100.0, max_map_mae=1.0, log=lambda *_: None)
     calib = Bundle.open(bdir).component('encoder', 'int8')['quantization']['calibration']
     assert calib['method'] == 'percentile' and calib['n_images'] == 4
+
+
+def test_dynamic_quantization_needs_no_images_and_is_gated(tiny_bundle, data, tmp_path):
+    """method 'dynamic': INT8 MatMul weights, activation scales at run time (ONNX Runtime only); the
+    FP32 islands stay FP32, and the same accuracy gate decides whether the bundle takes it."""
+    from anomalygpt_edge.calibration.data_reader import CalibrationError
+    with pytest.raises(CalibrationError, match='TensorRT needs a calibrated Q/DQ graph'):
+        QuantizeOptions(method='dynamic', target='tensorrt')
+    b = Bundle.open(tiny_bundle)
+    out = tmp_path / 'encoder-int8.onnx'
+    info = quantize_onnx(b.path('encoder.onnx'), out, None, options=QuantizeOptions(method='dynamic', target='onnxruntime'))
+    m = onnx.load(str(out))
+    ops = [n.op_type for n in m.graph.node]
+    assert info['quantize_nodes'] > 0 and 'n_images' not in info['calibration']
+    assert 'QuantizeLinear' not in ops and ('MatMulInteger' in ops or 'DynamicQuantizeMatMul' in ops)
+    int8_weights = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8_weights
+    assert out.stat().st_size < 0.5 * b.path('encoder.onnx').stat().st_size
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:   # no integer op feeds a LayerNorm / Softmax / Sigmoid / L2 norm directly
+        if n.op_type in ('LayerNormalization', 'Softmax', 'Sigmoid', 'ReduceL2'):
+            assert all(producers.get(i) is None or producers[i].op_type not in ('MatMulInteger', 'DynamicQuantizeLinear')
+                       for i in n.input), n.name
+    batches = ImageBatches.from_folder(data['normals'], b, batch_size=2, max_images=2)
+    x = np.concatenate([batches.load(p) for p in batches.paths])
+    got = OrtRunner(out, providers=['CPUExecutionProvider']).infer({'image': x})
+    want = OrtRunner(b.path('encoder.onnx'), providers=['CPUExecutionProvider']).infer({'image': x})
+    for k in want:
+        cos = np.dot(got[k].ravel(), want[k].ravel()) / np.linalg.norm(got[k]) / np.linalg.norm(want[k])
+        assert cos > 0.999, k
+    # through the command: no --images needed; minmax without --images is refused by name
+    bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
+    report = calibrate_int8(bdir, None, data['mvtec'], method='dynamic', target='onnxruntime', max_drop=MAX_DROP,
+                            log=lambda *_: None)
+    assert report.passed, report.summary()
+    entry = Bundle.open(bdir, verify_hashes=True).component('encoder', 'int8')
+    assert entry['quantization']['calibration']['method'] == 'dynamic'
+    with pytest.raises(CalibrationError, match='give --images'):
+        calibrate_int8(bdir, None, data['mvtec'], method='minmax', log=lambda *_: None)
+
+
+@pytest.mark.parametrize('method', ['dynamic', 'minmax'])
+def test_external_data_file_holds_each_weight_once(tiny_bundle, data, tmp_path, monkeypatch, method):
+    """Graphs over 2 GB keep their weights in one .data file; it must hold each tensor once (onnx appends
+    to an existing file of the same name, which once doubled the ImageBind-Huge INT8 encoder to 1.3 GB)."""
+    import anomalygpt_edge.calibration.int8 as int8
+    monkeypatch.setattr(int8, 'EXTERNAL_DATA_OVER', 0)
+    b = Bundle.open(tiny_bundle)
+    out = tmp_path / 'encoder-int8.onnx'
+    batches = None if method == 'dynamic' else ImageBatches.from_folder(data['normals'], b, batch_size=2, max_images=2)
+    info = quantize_onnx(b.path('encoder.onnx'), out, batches,
+                         options=QuantizeOptions(method=method, target='onnxruntime'))
+    assert info['external_data'] == 'encoder-int8.onnx.data'
+    m = onnx.load(str(out), load_external_data=False)
+    spans = [(int(d['offset']), int(d['length'])) for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for d in [{e.key: e.value for e in t.external_data}]]
+    assert spans
+    size = (tmp_path / info['external_data']).stat().st_size
+    assert size <= max(o + n for o, n in spans) + 4096          # nothing past the last tensor
+    assert size < 1.1 * sum(n for _, n in spans) + 4096 * len(spans)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['encoder-int8.onnx', 'encoder-int8.onnx.data']
+    OrtRunner(out, providers=['CPUExecutionProvider'])            # loads with its data

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from anomalygpt_edge.calibration.thresholds import calibrate_threshold, mode_key, store_threshold, threshold_entry
+from anomalygpt_edge.runtime.answers import parse_verdict
 from anomalygpt_edge.runtime.bundle import Bundle
 from anomalygpt_edge.runtime.pipeline import Pipeline
 
@@ -83,8 +84,14 @@ def test_zero_shot_threshold_and_the_llm_verdict_is_never_relabelled(bundle_dir,
         img = mvtec / 'test' / 'good' / '000.png'
         r = p.inspect(img, class_name='bottle', llm=False)
         assert r.verdict_source == 'threshold' and r.verdict == ('yes' if r.score > entry['score'] else 'no')
+        map_call = 'yes' if r.score > entry['score'] else 'no'
         r = p.inspect(img, class_name='bottle')            # with the LLM: its verdict, labelled as such
-        assert r.verdict_source == 'llm' and r.threshold is None and r.answer is not None
+        assert r.verdict_source == 'llm' and r.answer is not None
+        assert r.verdict == parse_verdict(r.answer)
+        # the two-speed verdict: the map's call rides beside the LLM's, known before the LLM ran
+        assert r.map_verdict == map_call and r.threshold == pytest.approx(entry['score'])
+        assert r.timings_ms['map_verdict'] < r.timings_ms['total'] - r.timings_ms['llm_prefill']
+        assert r.to_dict()['map_verdict'] == map_call
 
 
 def test_unknown_class_is_refused_without_touching_the_bundle(bundle_dir):
