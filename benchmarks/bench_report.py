@@ -34,6 +34,14 @@ def _clean(o):
     return o
 
 
+def save_report(report: dict, json_path, md: str, md_path=None) -> None:
+    """The finished report: JSON (and Markdown, if asked) written atomically, the Markdown printed."""
+    write_json(json_path, report)
+    if md_path:
+        write_text(md_path, md + '\n')
+    print(md)
+
+
 def write_json(path, report: dict) -> Path:
     text = json.dumps(_clean(report), indent=1)
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text + '\n', encoding='utf-8'))

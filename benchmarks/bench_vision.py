@@ -48,7 +48,10 @@ def prepare_vision(cfg, work_dir: Path, precisions, bundle=None, seed: int = 0, 
         weights = ("the bundle's own (seeded random)" if source.get('kind') == 'random' else
                    f"ONNX: the bundle's ({source.get('kind')}); PyTorch: seeded random of the same config "
                    "(latency does not depend on the values)")
-        onnx = {p: {c: bundle.path(bundle.component(c, p)['file']) for c in GRAPHS} for p in precisions}
+        def graph(c, p):  # INT8 is calibrated for the encoder only; the rest run FP32, as in Pipeline
+            variants = bundle.manifest['components'].get(c, {})
+            return bundle.path(bundle.component(c, p if p in variants or p != 'int8' else 'fp32')['file'])
+        onnx = {p: {c: graph(c, p) for c in GRAPHS} for p in precisions}
         feats = np.load(bundle.path(bundle.manifest['text_features']['file']))[0]
         return VisionSetup(model, onnx, feats.astype(np.float32), weights)
     from ..export.onnx_export import export_vision

@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument('--config', choices=('tiny', 'small', 'huge'), default='tiny')
     p.add_argument('--bundle', help="bundle directory to time (its graphs and GGUF files); 'small' and 'tiny' only")
     p.add_argument('--llm-layers', default='2,4', help='LLM depths to build and fit (comma list; default 2,4)')
-    p.add_argument('--precisions', default='fp32', help='vision graph precisions (fp32,fp16)')
+    p.add_argument('--precisions', default='fp32',
+                   help="vision graph precisions (fp32,fp16; int8 with --bundle, for a bundle's gated INT8 encoder)")
     p.add_argument('--quants', default='f16,q8_0,q4_k_m', help='GGUF types (f16,q8_0,q4_k_m,q4_0,f32)')
     p.add_argument('--baselines', default='fp32,bf16', help='PyTorch dtypes of the baseline (fp32,bf16)')
     p.add_argument('--threads', type=int, default=2)
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .bench_report import markdown, plot, write_json, write_text
+    from .bench_report import markdown, plot, save_report, write_json
     from .latency import BenchOptions, run_bench
     if args.bundle and args.config == 'huge':
         print("anomalygpt-edge bench: --bundle is for tiny/small bundles; huge runs the real shapes with random weights",
@@ -66,7 +67,8 @@ def run(args) -> int:
                         image_size=args.image_size, seed=args.seed, work_dir=args.work_dir, vision=not args.no_vision,
                         llm=not args.no_llm, progress=not args.quiet, on_phase=lambda r: write_json(args.json, r),
                         command='anomalygpt-edge bench ' + shlex.join(sys.argv[2:] if sys.argv[1:2] == ['bench'] else []))
-    bad = [b for b in opts.baselines if b not in ('fp32', 'bf16')] + [p for p in opts.precisions if p not in ('fp32', 'fp16')]
+    allowed = ('fp32', 'fp16', 'int8') if opts.bundle else ('fp32', 'fp16')
+    bad = [b for b in opts.baselines if b not in ('fp32', 'bf16')] + [p for p in opts.precisions if p not in allowed]
     if bad:
         print(f"anomalygpt-edge bench: unknown precision/baseline {bad}", file=sys.stderr)
         return 2
@@ -75,11 +77,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"anomalygpt-edge bench: {e}", file=sys.stderr)
         return 2
-    write_json(args.json, report)
-    md = markdown(report)
-    if args.markdown:
-        write_text(args.markdown, md + '\n')
     if args.plot:
         plot(report, args.plot)
-    print(md)
+    save_report(report, args.json, markdown(report), args.markdown)
     return 0

@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .bench_report import write_json, write_text
+    from .bench_report import save_report, write_json
     from .verdict import LLM_VARIANTS, VerdictOptions, markdown, run_verdict
     try:
         layers = tuple(int(n) for n in _list(args.llm_layers))
@@ -64,9 +64,5 @@ def run(args) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"anomalygpt-edge bench-verdict: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    write_json(args.json, report)
-    md = markdown(report)
-    if args.markdown:
-        write_text(args.markdown, md + '\n')
-    print(md)
+    save_report(report, args.json, markdown(report), args.markdown)
     return 0
