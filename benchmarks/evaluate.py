@@ -79,7 +79,7 @@ def reference_shots(root, class_name: str, k: int) -> list[Path]:
     return [train[(3 * 4 + j) % len(train)] for j in range(k)]
 
 
-def _mask(path: Path | None, size: int = 224) -> np.ndarray:
+def load_mask(path: Path | None, size: int = 224) -> np.ndarray:
     if path is None:
         return np.zeros((size, size), np.uint8)
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -119,7 +119,7 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
                 agreement.add(name, s.path, res, *reference_compare.reference_run(
                     pipeline, reference, s.path, cls, ref_shots, llm=llm and res.answer is not None))
                 t0 += time.perf_counter() - t_ref  # the class's seconds stay the runtime's own
-            gt = _mask(s.mask)
+            gt = load_mask(s.mask)
             scores.append(res.score)
             labels.append(int(s.anomalous))
             maps.append(res.anomaly_map)

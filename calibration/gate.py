@@ -3,7 +3,8 @@
 Both pipelines run the same held-out MVTec-layout folder (normal and defective images) without the
 LLM, zero-shot and, with ``k_shot``, few-shot from the class's first normal training images. What is
 measured: anomaly-map errors (max and mean absolute), encoder output errors (the comparator), and
-image AUROC (mean over classes, per mode) for FP32 and INT8. The calibration is refused when the
+image AUROC and pixel AUROC (means over classes, per mode) for FP32 and INT8. The calibration is
+refused when the
 AUROC drops by more than ``max_drop`` points (1 point = 0.01) in any mode, or when the mean
 absolute map error exceeds ``max_map_mae``.
 """
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..benchmarks.evaluate import discover, reference_shots
-from ..benchmarks.metrics import image_auroc, mean_or_none
+from ..benchmarks.evaluate import discover, load_mask, reference_shots
+from ..benchmarks.metrics import image_auroc, mean_or_none, pixel_auroc
 from ..runtime.compare import ComparisonReport, compare_outputs
 
 ENCODER_CASES = 16  # held-out images on which the encoder outputs themselves are compared
@@ -24,7 +25,8 @@ ENCODER_CASES = 16  # held-out images on which the encoder outputs themselves ar
 class GateReport:
     max_drop: float
     max_map_mae: float
-    modes: dict = field(default_factory=dict)     # mode -> {fp32_auroc, int8_auroc, drop_points, per_class}
+    modes: dict = field(default_factory=dict)     # mode -> {fp32_auroc, int8_auroc, drop_points, per_class,
+                                                  #          fp32_pixel_auroc, int8_pixel_auroc}
     map_max_abs: float = 0.0
     map_mean_abs: float = 0.0
     encoder: dict = field(default_factory=dict)   # output -> worst max_abs / max_rel / min_cosine
@@ -45,7 +47,8 @@ class GateReport:
         for mode, m in self.modes.items():
             f = (lambda v: '-' if v is None else f'{v:.4f}')
             lines.append(f"  {mode}: image AUROC fp32 {f(m['fp32_auroc'])}  int8 {f(m['int8_auroc'])}  "
-                         f"drop {m['drop_points']:+.2f} points (limit {self.max_drop:g})")
+                         f"drop {m['drop_points']:+.2f} points (limit {self.max_drop:g}); pixel AUROC fp32 "
+                         f"{f(m.get('fp32_pixel_auroc'))}  int8 {f(m.get('int8_pixel_auroc'))}")
         lines.append(f"  anomaly map error: max {self.map_max_abs:.4f}  mean {self.map_mean_abs:.5f} "
                      f"(limit {self.max_map_mae:g})")
         for name, w in self.encoder.items():
@@ -66,7 +69,7 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
     report = GateReport(max_drop, max_map_mae)
     found = discover(heldout_root, classes)
     modes = ['zero-shot'] + ([f'{k_shot}-shot'] if k_shot else [])
-    per_mode = {m: {'fp32': [], 'int8': [], 'per_class': {}} for m in modes}
+    per_mode = {m: {'fp32': [], 'int8': [], 'px_fp32': [], 'px_int8': [], 'per_class': {}} for m in modes}
     enc = ComparisonReport('int8', 'fp32')
     max_abs, abs_sum, n_px = 0.0, 0.0, 0
     for folder, samples in found.items():
@@ -76,8 +79,9 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
             shots = reference_shots(heldout_root, folder, k_shot)
             memories[f'{k_shot}-shot'] = (reference.memory(shots), candidate.memory(shots))
         labels = [int(s.anomalous) for s in samples]
+        masks = [load_mask(s.mask) for s in samples]
         for mode, (mem_ref, mem_cand) in memories.items():
-            s_ref, s_cand = [], []
+            s_ref, s_cand, m_ref, m_cand = [], [], [], []
             for s in samples:
                 if mode == 'zero-shot' and len(enc.results) < 2 * ENCODER_CASES:
                     x, _, _ = reference.load(s.path)
@@ -90,15 +94,19 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
                 max_abs, abs_sum, n_px = max(max_abs, float(d.max())), abs_sum + float(d.sum()), n_px + d.size
                 s_ref.append(a.score)
                 s_cand.append(b.score)
+                m_ref.append(a.anomaly_map)
+                m_cand.append(b.anomaly_map)
             r, c = image_auroc(s_ref, labels), image_auroc(s_cand, labels)
-            per_mode[mode]['fp32'].append(r)
-            per_mode[mode]['int8'].append(c)
-            per_mode[mode]['per_class'][folder] = {'fp32': r, 'int8': c}
+            pr, pc = pixel_auroc(m_ref, masks), pixel_auroc(m_cand, masks)
+            for key, v in (('fp32', r), ('int8', c), ('px_fp32', pr), ('px_int8', pc)):
+                per_mode[mode][key].append(v)
+            per_mode[mode]['per_class'][folder] = {'fp32': r, 'int8': c, 'fp32_pixel': pr, 'int8_pixel': pc}
         report.n_images += len(samples)
     for mode, m in per_mode.items():
         r, c = mean_or_none(m['fp32']), mean_or_none(m['int8'])
         drop = 0.0 if r is None or c is None else 100.0 * (r - c)
-        report.modes[mode] = {'fp32_auroc': r, 'int8_auroc': c, 'drop_points': drop, 'per_class': m['per_class']}
+        report.modes[mode] = {'fp32_auroc': r, 'int8_auroc': c, 'drop_points': drop, 'per_class': m['per_class'],
+                              'fp32_pixel_auroc': mean_or_none(m['px_fp32']), 'int8_pixel_auroc': mean_or_none(m['px_int8'])}
         if drop > max_drop:
             report.reasons.append(f"{mode} image AUROC drops {drop:.2f} points ({r:.4f} -> {c:.4f}), "
                                   f"more than --max-drop {max_drop:g}")

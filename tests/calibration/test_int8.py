@@ -90,6 +90,13 @@ def test_gate_keeps_a_good_calibration(tiny_bundle, data, tmp_path):
     assert report.passed, report.summary()
     assert set(report.modes) == {'zero-shot', '1-shot'} and report.n_images == 30
     assert report.map_mean_abs < 0.005
+    # the pixel AUROC beside the image AUROC: the FP32 side is what `eval` measures on the same folder
+    from anomalygpt_edge.benchmarks.evaluate import evaluate
+    zs = report.modes['zero-shot']
+    with Pipeline(Bundle.open(bdir), llm=False, precision='fp32') as p32:
+        same = evaluate(p32, data['mvtec'], class_map={c: 'object' for c in CATEGORIES}, llm=False)  # as the gate maps them
+        assert zs['fp32_pixel_auroc'] == pytest.approx(same['mean']['pixel_auroc'])
+    assert abs(zs['int8_pixel_auroc'] - zs['fp32_pixel_auroc']) < 0.05 and 'pixel AUROC' in report.summary()
     b = Bundle.open(bdir, verify_hashes=True)       # hashes recomputed, new file listed
     entry = b.component('encoder', 'int8')
     assert entry['file'] == 'encoder-int8.onnx' and 'encoder-int8.onnx' in b.manifest['files']
