@@ -79,6 +79,7 @@ class LlamaSession:
         self._pending: int | None = None  # the last generated token, chosen but not yet evaluated
         self._embd_table = None
         self._embd_rows: dict[int, np.ndarray] = {}
+        self._one_batch_ok = True
 
     # -- facts of the model -----------------------------------------------------------------
     @property
@@ -192,18 +193,24 @@ class LlamaSession:
         looks tokens up in that table and scales nothing)."""
         segments = [(kind, list(v) if kind == 'tokens' else np.asarray(v, dtype=np.float32).reshape(-1, self._n_embd))
                     for kind, v in segments if len(v)]
-        if not one_batch or len(segments) == 1:
+        parts, history = [], []
+        if one_batch and len(segments) > 1 and self._one_batch_ok:
+            try:
+                for kind, v in segments:
+                    if kind == 'tokens':
+                        parts.append(self.token_embeddings(v))
+                        history.extend(int(i) for i in v)
+                    else:
+                        parts.append(v)
+                        history.extend([None] * len(v))
+            except LlamaError as e:  # a table this reader cannot dequantize: feed segment by segment instead
+                import warnings
+                warnings.warn(f"{e}; the prompt goes to llama.cpp segment by segment", RuntimeWarning, stacklevel=2)
+                self._one_batch_ok, parts = False, []
+        if not parts:
             for kind, v in segments:
                 self.eval_tokens(v) if kind == 'tokens' else self.eval_embeddings(v)
             return
-        parts, history = [], []
-        for kind, v in segments:
-            if kind == 'tokens':
-                parts.append(self.token_embeddings(v))
-                history.extend(int(i) for i in v)
-            else:
-                parts.append(v)
-                history.extend([None] * len(v))
         self.eval_embeddings(np.concatenate(parts))
         self.history[len(self.history) - len(history):] = history
 
@@ -278,7 +285,11 @@ class LlamaSession:
             rows = np.asarray(data[np.asarray(missing, dtype=np.int64)])
             if rows.dtype not in (np.float32, np.float16):
                 import gguf
-                rows = gguf.quants.dequantize(rows, qtype)
+                try:
+                    rows = gguf.quants.dequantize(rows, qtype)
+                except (NotImplementedError, ValueError, KeyError) as e:
+                    raise LlamaError(f"{self.path}: cannot read token_embd.weight of type {getattr(qtype, 'name', qtype)} "
+                                     f"({type(e).__name__}: {e})") from None
             rows = rows.astype(np.float32).reshape(len(missing), self._n_embd)
             self._embd_rows.update(zip(missing, rows))
         if not len(ids):

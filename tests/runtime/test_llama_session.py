@@ -222,3 +222,25 @@ def test_token_rows_are_cached_and_checked(tiny_gguf_f32):
         assert s.token_embeddings([]).shape == (0, 64)
         with pytest.raises(LlamaError, match='out of range'):
             s.token_embeddings([s.n_vocab])
+
+
+def test_an_unreadable_token_table_falls_back_to_segments(tiny_gguf_quantized, prompt, monkeypatch):
+    """A token-embedding type the gguf reader cannot dequantize: one warning, then the prompt goes
+    segment by segment and gives the same logits."""
+    gguf = pytest.importorskip('gguf')
+    ids, embeds = prompt
+    segments = [('tokens', ids), ('embeds', embeds), ('tokens', ids[1:6])]
+    with LlamaSession(tiny_gguf_quantized['q8_0'], n_ctx=256, exact=True) as s:
+        s.eval_segments(segments, one_batch=False)
+        want = s.logits()
+
+    def refuse(*_a, **_k):
+        raise NotImplementedError('no numpy dequantization for this type')
+    monkeypatch.setattr(gguf.quants, 'dequantize', refuse)
+    with LlamaSession(tiny_gguf_quantized['q8_0'], n_ctx=256, exact=True) as s:
+        with pytest.warns(RuntimeWarning, match='cannot read token_embd.weight'):
+            s.eval_segments(segments)
+        np.testing.assert_array_equal(s.logits(), want)
+        assert s.history[:len(ids)] == ids and s.n_past == len(ids) + len(embeds) + 5
+        with pytest.raises(LlamaError, match='cannot read token_embd.weight'):
+            s.token_embeddings([7])
