@@ -36,10 +36,10 @@ import numpy as np
 
 from . import bench_llm, bench_vision
 from .bench_stats import PeakRSS, block_schedule, extrapolate
+from .latency import HUGE_PROMPT_POSITIONS, _bar
 from .machine import machine_info, memory_bandwidth
 
 SCHEMA = 'anomalygpt-edge-bench-verdict/1'
-PROMPT_POSITIONS = 100  # the real prompt with Vicuna's tokenizer (see latency.HUGE_PROMPT_POSITIONS)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class VerdictOptions:
     warmup: int = 1               # unmeasured runs at the start of every block
     rounds: int = 2
     decode_tokens: int = 16
-    prompt_positions: int = PROMPT_POSITIONS
+    prompt_positions: int = HUGE_PROMPT_POSITIONS
     calibration_images: int = 8
     seed: int = 0
     vision: tuple = tuple(VISION_OURS)
@@ -106,11 +106,6 @@ class VerdictOptions:
 
 def _log(msg: str) -> None:
     print(f"[bench-verdict] {msg}", file=sys.stderr, flush=True)
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
 
 
 # -- vision -----------------------------------------------------------------------------------------
