@@ -65,3 +65,11 @@ def few_shot_map(query_taps, memory) -> torch.Tensor:
         sims.append(cos.max(dim=-1).values)
     sim = torch.stack(sims).mean(dim=0).unsqueeze(-1)
     return 1.0 - upsample(_to_grid(sim))
+
+
+def few_shot_map_matmul(query_taps, memory) -> torch.Tensor:
+    """:func:`few_shot_map` in the exporter's equal normalise + matmul + max form: the same map without the
+    [B,256,M,C] broadcast, some 50x faster on a CPU (training computes a few-shot map every other batch)."""
+    sims = [(F.normalize(q, dim=-1) @ F.normalize(m, dim=-1).T).amax(dim=-1) for q, m in zip(query_taps, memory)]
+    sim = torch.stack(sims).mean(dim=0).unsqueeze(-1)
+    return 1.0 - upsample(_to_grid(sim))

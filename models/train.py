@@ -4,8 +4,10 @@
 
 Stage 1 (vision): ImageBind-style tower + decoder + text tower, focal + dice on the 4 layer maps
 (spec 7.5), on normal images and NSA-simulated anomalies. Stage 2 (language): vision frozen;
-prompt learner, llama_proj and the small LLaMA trained with the LM loss on the answers only.
-Seeds are fixed; checkpoints are written atomically every few hundred steps and resumed.
+prompt learner, llama_proj and the small LLaMA trained with the LM loss on the answers only (the
+Yes/No, count and position tokens weighted), on maps of normal images stage 1 never saw.
+Seeds are fixed; checkpoints are written atomically every few hundred steps and resumed; each
+checkpoint carries its stage's training time, so the recorded minutes add up over resumes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import functools
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 from . import spec
 from .anomalygpt import AnomalyGPT
 from .config import ModelConfig, get_config
-from .decoder import layer_logits
+from .decoder import few_shot_map_matmul, layer_logits
 from .imagebind import TextTower, init_random
 from .losses import pixel_loss
 from .text_features import class_text_features
@@ -37,14 +40,21 @@ _STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
 class TrainSettings:
     seed: int = 0
     batch: int = 8
-    vision_steps: int = 1500
-    lm_steps: int = 800
+    vision_steps: int = 2000
+    lm_steps: int = 900
     lr_vision: float = 1e-3
-    lr_lm: float = 1e-3
+    lr_lm: float = 3e-3
     threads: int = 2
     checkpoint_every: int = 200
     separation_weight: float = 1.0
     few_shot_fraction: float = 0.5
+    # LM loss weights of the few answer tokens that depend on the image: the Yes/No token, and the count
+    # and position words (the ~15 other, template tokens of an answer weigh 1)
+    verdict_weight: float = 5.0
+    position_weight: float = 3.0
+    # stage 2 learns from maps of normal images of seed + this offset, which stage 1 never trained on, so
+    # they look like the maps of new images (0: stage 1's own images)
+    language_seed_offset: int = 1
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -83,9 +93,12 @@ def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
         epoch += 1
 
 
-def _fit(name: str, steps: int, base_lr: float, start: int, batches, step_loss, params, opt, every: int, save) -> None:
-    """The optimisation loop of both stages: schedule, clipped step, progress bar, periodic checkpoint."""
+def _fit(name: str, steps: int, base_lr: float, start: int, batches, step_loss, params, opt, every: int, save,
+         seconds: float = 0.0) -> float:
+    """The optimisation loop of both stages: schedule, clipped step, progress bar, periodic checkpoint
+    (``save(step, seconds)``). ``seconds``: the stage's time before a resume; returns its total time."""
     from tqdm import tqdm
+    t0, elapsed = time.time() - seconds, seconds
     bar = tqdm(total=steps, initial=start, desc=name, unit='step', dynamic_ncols=True)
     for step in range(start, steps):
         _schedule(opt, step, steps, base_lr)
@@ -96,23 +109,27 @@ def _fit(name: str, steps: int, base_lr: float, start: int, batches, step_loss, 
         opt.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed = time.time() - t0
         if (step + 1) % every == 0 or step + 1 == steps:
-            save(step + 1)
+            save(step + 1, elapsed)
     bar.close()
+    return elapsed
 
 
 # -- stage 1 -----------------------------------------------------------------------------------
-def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> None:
+def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> float:
+    """Stage 1; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
     params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=s.lr_vision, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
-    start = 0
+    start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'], strict=False)
         text.load_state_dict(state['text'])
         opt.load_state_dict(state['opt'])
-        start = int(state['step'])
+        start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
     model.visual_encoder.train(), model.image_decoder.train(), text.train()
+
     def step_loss(b, step):
         feats = {c: class_text_features(text, c) for c in set(b['categories'])}
         tf = torch.stack([feats[c] for c in b['categories']])
@@ -123,11 +140,12 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
         separation = torch.stack([f[0] @ f[1] for f in feats.values()]).clamp(min=0).mean()
         return loss + s.separation_weight * separation
 
-    _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start), step_loss,
-         params, opt, s.checkpoint_every,
-         lambda step: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
-                                      opt=opt.state_dict(), step=step))
+    seconds = _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start),
+                   step_loss, params, opt, s.checkpoint_every,
+                   lambda step, sec: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
+                                                     opt=opt.state_dict(), step=step, seconds=sec), seconds)
     model.eval(), text.eval()
+    return seconds
 
 
 def _vision_state(model):
@@ -135,42 +153,81 @@ def _vision_state(model):
 
 
 # -- stage 2 -----------------------------------------------------------------------------------
-def lm_batch(model: AnomalyGPT, tokenizer, token, prompts, questions, answers):
+# The answer words that depend on the image (spec 7.3): the verdict, then the count and the positions.
+_VERDICT = re.compile(r'^(Yes|No)\b')
+_DETAIL = re.compile(r'\b(is|are|2|top|bottom|left|right|center)\b')
+
+
+@functools.lru_cache(maxsize=512)
+def answer_tokens(tokenizer, answer: str, verdict_weight: float = 1.0, position_weight: float = 1.0):
+    """The training ids of one answer (``answer + '\\n###'``, tokenised alone) and each id's loss weight:
+    ``verdict_weight`` on the tokens of the leading Yes/No, ``position_weight`` on those of the count and
+    position words, 1 elsewhere."""
+    text = answer + '\n' + spec.TURN_SEPARATOR
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    spans = [(m.start(), m.end(), verdict_weight) for m in _VERDICT.finditer(answer)]
+    spans += [(m.start(), m.end(), position_weight) for m in _DETAIL.finditer(answer)]
+    weights, begin = [], 0
+    for j in range(len(ids)):
+        # character span of token j in ``text``: the decoded prefix grows by exactly that token
+        end = len(tokenizer.decode(ids[:j + 1], skip_special_tokens=True))
+        weights.append(max([w for a, b, w in spans if a < max(end, begin + 1) and b > begin], default=1.0))
+        begin = end
+    return tuple(ids), tuple(weights)
+
+
+def lm_batch(model: AnomalyGPT, tokenizer, token, prompts, questions, answers, verdict_weight: float = 1.0,
+             position_weight: float = 1.0):
     """Reference training layout: [BOS, PROMPT_START, IMG, IMAGE_END, 18 prompts, question + ASSISTANT,
-    answer + '\\n###'], each text segment tokenised alone; labels only on the answer tokens."""
+    answer + '\\n###'], each text segment tokenised alone; labels only on the answer tokens.
+    Returns (inputs_embeds, attention_mask, labels, loss weights: 0 where the label is -100)."""
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     emb = model.llama_model.get_input_embeddings()
     start, end = enc(spec.PROMPT_START), enc(spec.IMAGE_END)
-    rows, labels = [], []
+    rows, labels, weights = [], [], []
     for i, (q, a) in enumerate(zip(questions, answers)):
-        q_ids, a_ids = enc(q + spec.ASSISTANT), enc(a + '\n' + spec.TURN_SEPARATOR)
+        q_ids = enc(q + spec.ASSISTANT)
+        a_ids, a_w = answer_tokens(tokenizer, a, verdict_weight, position_weight)
         ids_before = [tokenizer.bos_token_id] + start
         parts = [emb(torch.tensor(ids_before)), token[i], emb(torch.tensor(end)), prompts[i],
-                 emb(torch.tensor(q_ids + a_ids))]
+                 emb(torch.tensor(q_ids + list(a_ids)))]
         rows.append(torch.cat(parts))
         n_prefix = len(ids_before) + 1 + len(end) + prompts.shape[1] + len(q_ids)
-        labels.append([-100] * n_prefix + a_ids)
+        labels.append([-100] * n_prefix + list(a_ids))
+        weights.append([0.0] * n_prefix + list(a_w))
     n = max(r.shape[0] for r in rows)
     x = torch.zeros(len(rows), n, rows[0].shape[1])
     mask = torch.zeros(len(rows), n, dtype=torch.long)
     y = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        x[i, :len(r)], mask[i, :len(r)], y[i, :len(lab)] = r, 1, torch.tensor(lab)
-    return x, mask, y
+    w = torch.zeros(len(rows), n)
+    for i, (r, lab, wt) in enumerate(zip(rows, labels, weights)):
+        x[i, :len(r)], mask[i, :len(r)], y[i, :len(lab)], w[i, :len(wt)] = r, 1, torch.tensor(lab), torch.tensor(wt)
+    return x, mask, y, w
 
 
-def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: TrainSettings, ckpt: Path) -> None:
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy (token t predicts label t+1, as HF's causal LM loss), weighted per label;
+    with unit weights it equals HF's mean over the labelled tokens."""
+    logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                           ignore_index=-100, reduction='none')
+    w = weights.reshape(-1) * (labels.reshape(-1) != -100)
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: TrainSettings, ckpt: Path) -> float:
+    """Stage 2; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
     lm = model.llama_model
     params = [*model.prompt_learner.parameters(), *model.llama_proj.parameters(),
               *(p for p in lm.parameters())]
     for p in lm.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=s.lr_lm, betas=(0.9, 0.95), weight_decay=1e-3)
-    start = 0
+    start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'])
         opt.load_state_dict(state['opt'])
-        start = int(state['step'])
+        start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed language training at step %d", start)
     with torch.no_grad():
         feats = {c: class_text_features(text, c) for c in dataset.categories}
@@ -189,21 +246,40 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
             emb, taps = model.visual_encoder(b['images'])
             if few_shot_rng.random() < s.few_shot_fraction:
                 # as the reference: half the batches see the few-shot map (one normal image per class)
-                amap = torch.cat([model.anomaly_map([t[i:i + 1] for t in taps], memory=memories(c, step))
+                amap = torch.cat([few_shot_map_matmul([t[i:i + 1] for t in taps], memories(c, step))
                                   for i, c in enumerate(b['categories'])])
             else:
                 amap = model.anomaly_map(taps, torch.stack([feats[c] for c in b['categories']]))
-        x, mask, y = lm_batch(model, tokenizer, model.image_token(emb), model.prompt_learner(amap),
-                              b['questions'], b['answers'])
-        return lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        x, mask, y, w = lm_batch(model, tokenizer, model.image_token(emb), model.prompt_learner(amap),
+                                 b['questions'], b['answers'], s.verdict_weight, s.position_weight)
+        return weighted_lm_loss(lm(inputs_embeds=x, attention_mask=mask).logits, y, w)
 
-    _fit('language', s.lm_steps, s.lr_lm, start, _batches(dataset, s.batch, s.seed + 1, start), step_loss,
-         params, opt, s.checkpoint_every,
-         lambda step: save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step))
+    seconds = _fit('language', s.lm_steps, s.lr_lm, start, _batches(dataset, s.batch, s.seed + 1, start),
+                   step_loss, params, opt, s.checkpoint_every,
+                   lambda step, sec: save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(),
+                                                     step=step, seconds=sec), seconds)
     model.eval()
+    return seconds
 
 
 # -- the whole recipe --------------------------------------------------------------------------
+def init_prompt_learner(prompt_learner, seed: int) -> None:
+    """He-normal weights and zero biases for the prompt learner's convs, so the map reaches the derived
+    prompts: the six convs are then positively homogeneous (an all-zero map gives zero prompts, a hot spot
+    a prompt in proportion) and keep the signal's scale through the ReLUs. With std-0.02 weights the
+    signal dies out; with PyTorch's default init (uniform, gain 1/sqrt(3), random biases) the biases
+    swamp it: a bright 40x50 px blob moves the derived prompts by ~1 % of their norm, the LLM learns to
+    ignore them and answers from the prior (nearly always the same Yes/No and the same position)."""
+    g = torch.Generator().manual_seed(seed)
+    convs = [m for m in prompt_learner.meta_net if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for i, m in enumerate(convs):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            gain = 2.0 if i < len(convs) - 1 else 1.0    # ReLU after all but the last conv
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (gain / fan_in) ** 0.5)
+            m.bias.zero_()
+
+
 def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[AnomalyGPT, TextTower]:
     from .tokenizer import vocab_size
     cfg: ModelConfig = get_config(config, vocab=vocab_size(tokenizer_dir))
@@ -212,12 +288,7 @@ def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[Anomal
         for name, p in model.llama_model.named_parameters():
             if 'lora_B' in name:
                 p.zero_()
-    # PyTorch's default (Kaiming) init for the prompt learner's convs: with std-0.02 weights the map's
-    # signal dies out over six convs, the derived prompts are constant, and the LLM learns to ignore them.
-    torch.manual_seed(seed + 3)
-    for m in model.prompt_learner.meta_net:
-        if isinstance(m, torch.nn.Conv2d):
-            m.reset_parameters()
+    init_prompt_learner(model.prompt_learner, seed + 3)
     text = TextTower(cfg.text)
     init_random(text, seed + 2)
     return model, text
@@ -253,6 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
     ap.add_argument('--quant', default='f32,q8_0', help='GGUF type(s) for the bundle, the first is the default')
     ap.add_argument('--export-only', action='store_true', help='skip training: export <work>/final.pt')
+    ap.add_argument('--no-verify', action='store_true',
+                    help="export without the exporter's ONNX-vs-PyTorch check of each graph (the manifest then "
+                         'records the graphs as unverified)')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     s = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
@@ -266,25 +340,27 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(tok_dir)
     model, text = build_small(tok_dir, s.seed, args.config)
     if args.export_only:
-        load_trained(work, model, text)
+        minutes = load_trained(work, model, text).get('minutes')
     else:
         dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True)
-        t0 = time.time()
-        train_vision(model, text, dataset, s, work / 'vision.pt')
-        log.info("vision stage done in %.1f min", (time.time() - t0) / 60)
-        t1 = time.time()
-        train_language(model, text, tokenizer, dataset, s, work / 'language.pt')
-        log.info("language stage done in %.1f min", (time.time() - t1) / 60)
-        save_checkpoint(work / 'final.pt', model=model.state_dict(), text=text.state_dict(),
-                        minutes={'vision': (t1 - t0) / 60, 'language': (time.time() - t1) / 60})
+        lm_dataset = dataset if not s.language_seed_offset else \
+            SyntheticAnomalyDataset(args.samples, seed=s.seed + s.language_seed_offset, cache_normals=True)
+        # stage times add up over resumed runs (each checkpoint carries its stage's seconds so far)
+        vision_s = train_vision(model, text, dataset, s, work / 'vision.pt')
+        log.info("vision stage: %.1f min of training", vision_s / 60)
+        language_s = train_language(model, text, tokenizer, lm_dataset, s, work / 'language.pt')
+        log.info("language stage: %.1f min of training", language_s / 60)
+        minutes = {'vision': vision_s / 60, 'language': language_s / 60}
+        save_checkpoint(work / 'final.pt', model=model.state_dict(), text=text.state_dict(), minutes=minutes)
     if args.bundle:
         from ..export.bundle_export import write_bundle
         extra = spec.SYNTHETIC_DESCRIPTIONS
         write_bundle(args.bundle, model, text, tok_dir,
                      {'kind': 'trained', 'recipe': 'models/train.py', 'seed': s.seed,
-                      'settings': dataclasses.asdict(s), 'samples': args.samples},
+                      'settings': dataclasses.asdict(s), 'samples': args.samples,
+                      **({'minutes': minutes, 'cores': os.cpu_count()} if minutes else {})},
                      precisions=('fp32',), quants=tuple(q.strip() for q in args.quant.split(',')),
-                     extra_classes=extra, overwrite=True)
+                     extra_classes=extra, overwrite=True, verify=not args.no_verify)
         log.info("bundle written to %s", args.bundle)
     return 0
 

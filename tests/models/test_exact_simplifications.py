@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from anomalygpt_edge.models.decoder import few_shot_map, upsample, zero_shot_map
+from anomalygpt_edge.models.decoder import few_shot_map, few_shot_map_matmul, upsample, zero_shot_map
 from anomalygpt_edge.models.imagebind import fold_stem_to_conv2d
 
 
@@ -31,6 +31,7 @@ def test_few_shot_cosine_max_equals_normalise_matmul_max():
     sims = [(F.normalize(q, dim=-1) @ F.normalize(m, dim=-1).T).max(dim=-1).values for q, m in zip(query, memory)]
     sim = torch.stack(sims).mean(0).reshape(2, 1, 16, 16)
     torch.testing.assert_close(1 - upsample(sim), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(few_shot_map_matmul(query, memory), ref, atol=1e-6, rtol=0)  # training's form
 
 
 def test_zero_shot_map_matches_a_literal_per_layer_recomputation(tiny_model):

@@ -1,4 +1,5 @@
 """The demo training recipe runs, checkpoints atomically and resumes where it stopped (tiny config)."""
+import pytest
 import torch
 
 from anomalygpt_edge.models.train import load_checkpoint, main
@@ -23,3 +24,51 @@ def test_train_resume_and_export(tmp_path):
     assert not torch.equal(first['model'][key], second['model'][key])
     final = load_checkpoint(work / 'final.pt')
     assert set(final) >= {'model', 'text'}
+    # a stage's training time adds up over resumed runs
+    assert second['seconds'] > first['seconds'] > 0
+    assert final['minutes']['vision'] == pytest.approx(second['seconds'] / 60, abs=1e-3)
+
+
+def test_answer_token_weights_mark_the_verdict_and_position_words(tiny_tokenizer):
+    from anomalygpt_edge.models import spec
+    from anomalygpt_edge.models.train import answer_tokens
+    answer = spec.ANSWER_ONE.format('top left')
+    ids, weights = answer_tokens(tiny_tokenizer, answer, 5.0, 3.0)
+    # the ids are the reference's tokenisation of the answer with its terminator
+    assert list(ids) == tiny_tokenizer.encode(answer + '\n###', add_special_tokens=False)
+    text = lambda w: ''.join(tiny_tokenizer.decode([i]).strip() for i, x in zip(ids, weights) if x == w)  # noqa: E731
+    assert text(5.0) == 'Yes' and text(3.0) == 'istopleft'
+    assert weights.count(1.0) == len(ids) - weights.count(5.0) - weights.count(3.0)
+    ids, weights = answer_tokens(tiny_tokenizer, spec.ANSWER_NORMAL, 5.0, 3.0)
+    assert text(5.0) == 'No' and weights[0] == 5.0 and text(3.0) == 'is'
+
+
+def test_weighted_lm_loss_with_unit_weights_is_the_lm_loss(tiny_model, tiny_tokenizer):
+    from anomalygpt_edge.models import spec
+    from anomalygpt_edge.models.train import lm_batch, weighted_lm_loss
+    model, d = tiny_model, tiny_model.cfg.llm.hidden
+    g = torch.Generator().manual_seed(0)
+    token, prompts = torch.randn(2, 1, d, generator=g) * 0.02, torch.randn(2, 18, d, generator=g) * 0.02
+    answers = [spec.ANSWER_NORMAL, spec.ANSWER_ONE.format('bottom')]
+    with torch.no_grad():
+        x, mask, y, w = lm_batch(model, tiny_tokenizer, token, prompts, [spec.QUESTION] * 2, answers)
+        assert torch.equal(w > 0, y != -100)
+        out = model.llama_model(inputs_embeds=x, attention_mask=mask, labels=y)
+        assert weighted_lm_loss(out.logits, y, w).item() == pytest.approx(out.loss.item(), rel=1e-5)
+        x2, _, y2, w2 = lm_batch(model, tiny_tokenizer, token, prompts, [spec.QUESTION] * 2, answers, 10.0, 1.0)
+        assert torch.equal(x2, x) and torch.equal(y2, y) and w2.max() == 10.0
+        assert weighted_lm_loss(out.logits, y, w2).item() != pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_prompt_learner_init_passes_the_map_to_the_derived_prompts(tiny_config):
+    from anomalygpt_edge.models.prompt_learner import PromptLearner
+    from anomalygpt_edge.models.train import init_prompt_learner
+    pl = PromptLearner(tiny_config.pl_channels, tiny_config.llm.hidden, tiny_config.n_base_prompts)
+    init_prompt_learner(pl, seed=3)
+    zero = torch.zeros(1, 1, 224, 224)
+    spot = zero.clone()
+    spot[..., 20:60, 150:200] = 1.0
+    with torch.no_grad():
+        quiet, hot = pl(zero)[0, 9:], pl(spot)[0, 9:]
+    assert torch.count_nonzero(quiet) == 0                      # no map, no signal (zero biases)
+    assert hot.norm(dim=-1).mean() > 0.3                        # a hot spot keeps its scale through six convs
