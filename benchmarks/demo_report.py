@@ -101,7 +101,8 @@ def _fmt(v):
 def known_problems(results: dict, agree: dict | None, manifest: dict | None = None) -> list[str]:
     """The model card's known problems, read from the measured figures (so the card stays true)."""
     out = []
-    unverified = [n for n, c in ((manifest or {}).get('components') or {}).items() if not c.get('verified')]
+    unverified = [n for n, c in ((manifest or {}).get('components') or {}).items()
+                  if not (c.get('fp32') or {}).get('verified')]
     if unverified:
         out.append(f"- The graphs {', '.join(unverified)} were exported without the exporter's ONNX-vs-PyTorch "
                    'self-check (`models.train --no-verify`); the runtime-vs-reference comparison on the held-out '

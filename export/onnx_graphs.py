@@ -86,13 +86,15 @@ def component_specs(cfg: ModelConfig) -> dict[Component, ComponentSpec]:
     amap = TensorSpec('anomaly_map', ('batch', 1, s, s))
     taps = TensorSpec('taps', ('batch', n, p, c))
     # The anomaly-map bounds are the project's parity targets. The encoder's taps are raw residual
-    # streams whose magnitude grows with depth, hence a relative term; FP16 errors compound over the
-    # blocks. FP16 maps: 100x-scaled cosines make the decoder the most sensitive graph (see fp16.py).
+    # streams whose magnitude grows with depth and with training (the demo model's reach 73), hence a
+    # relative term and one scaled by the output's range (float32 summation order moved 4 of 262,144
+    # near-zero tap values of the demo model by 7.9e-4: 1.1e-5 of its range); FP16 errors compound over
+    # the blocks. FP16 maps: 100x-scaled cosines make the decoder the most sensitive graph (see fp16.py).
     return {
         Component.ENCODER: ComponentSpec(
             Component.ENCODER, (TensorSpec('image', ('batch', 3, s, s)),),
             (TensorSpec('image_token', ('batch', 1, d)), taps),
-            {'fp32': {'atol': 1e-4, 'rtol': 1e-3}, 'fp16': {'atol': 5e-2, 'rtol': 5e-2}},
+            {'fp32': {'atol': 1e-4, 'rtol': 1e-3, 'range_atol': 3e-5}, 'fp16': {'atol': 5e-2, 'rtol': 5e-2}},
             fp32_after_normalise=True),
         Component.DECODER: ComponentSpec(
             Component.DECODER, (taps, TensorSpec('text_features', (2, e))), (amap,),

@@ -17,21 +17,35 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
+    """|actual - expected| <= atol + range_atol * max|expected| + rtol * |expected|, element-wise.
+    ``range_atol`` scales the absolute bound with the output's own range: a raw residual stream of a
+    trained tower reaches tens, and float32 summation order alone then moves values near zero by more
+    than a fixed atol or an rtol allows."""
     atol: float
     rtol: float = 0.0
+    range_atol: float = 0.0
 
     @classmethod
     def coerce(cls, value) -> "Tolerance":
-        """A Tolerance, a ``{"atol", "rtol"}`` dict or an ``(atol, rtol)`` pair."""
+        """A Tolerance, a ``{"atol", "rtol", "range_atol"}`` dict or an ``(atol, rtol)`` pair."""
         if isinstance(value, Tolerance):
             return value
         if isinstance(value, Mapping):
-            return cls(float(value['atol']), float(value.get('rtol', 0.0)))
+            return cls(float(value['atol']), float(value.get('rtol', 0.0)), float(value.get('range_atol', 0.0)))
         atol, rtol = value
         return cls(float(atol), float(rtol))
 
+    def atol_for(self, expected) -> float:
+        """The absolute bound for this reference array."""
+        if not self.range_atol or not np.size(expected):
+            return self.atol
+        return self.atol + self.range_atol * float(np.max(np.abs(np.asarray(expected, dtype=np.float64))))
+
     def to_dict(self) -> dict:
-        return {'atol': self.atol, 'rtol': self.rtol}
+        d = {'atol': self.atol, 'rtol': self.rtol}
+        if self.range_atol:
+            d['range_atol'] = self.range_atol
+        return d
 
 
 def _tolerance_for(tolerances, name: str) -> Tolerance:
@@ -170,7 +184,7 @@ def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
             r.error = f"{label} produced no output {name!r} (it produced {sorted(actual)})"
             report.results.append(r)
             continue
-        report.results.append(compare_arrays(actual[name], ref, tol.atol, tol.rtol, name=name, case=case))
+        report.results.append(compare_arrays(actual[name], ref, tol.atol_for(ref), tol.rtol, name=name, case=case))
     return report
 
 

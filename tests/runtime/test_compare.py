@@ -115,3 +115,19 @@ def test_compare_runners_over_several_cases_and_report_rendering():
 
 def test_empty_report_does_not_pass():
     assert not ComparisonReport().passed
+
+
+def test_range_scaled_atol_follows_the_reference_range():
+    """A near-zero element of a wide-range output (a residual stream reaching 73) moved by 7.9e-4:
+    outside atol 1e-4 + rtol 1e-3 alone, inside once the bound scales with the range (3e-5 x 73)."""
+    ref = np.array([73.0, -40.0, 0.01, 5.0])
+    got = ref + np.array([0.0, 0.0, 7.9e-4, 0.0])
+    fixed = {'atol': 1e-4, 'rtol': 1e-3}
+    scaled = {**fixed, 'range_atol': 3e-5}
+    assert not compare_outputs({'taps': got}, {'taps': ref}, fixed).passed
+    r = compare_outputs({'taps': got}, {'taps': ref}, scaled)
+    assert r.passed and r.results[0].atol == pytest.approx(1e-4 + 3e-5 * 73.0)
+    # the same error on an output whose range is small stays a failure
+    small = np.array([0.5, -0.2, 0.01, 0.1])
+    assert not compare_outputs({'taps': small + got - ref}, {'taps': small}, scaled).passed
+    assert Tolerance.coerce(scaled).to_dict() == scaled and Tolerance.coerce(fixed).to_dict() == fixed
