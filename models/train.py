@@ -310,6 +310,26 @@ def demo_corpus(categories) -> list[str]:
     return reference_corpus() + [categories[c].question for c in categories] * 4
 
 
+def calibrate_thresholds(bundle_dir, seed: int, n_images: int, percentile: float = 100.0) -> dict:
+    """Each class's score threshold (the maximum over ``n_images`` normal images, the paper's LLM-free
+    ablation), stored in the bundle's manifest. The images are new: ``write_mvtec_layout``'s seeds are
+    disjoint from the training set's, and the held-out set's seed differs."""
+    import tempfile
+
+    from ..calibration.thresholds import calibrate_threshold, store_threshold
+    from ..runtime.pipeline import Pipeline
+    from .synthetic import CATEGORIES
+    from .synthetic_dataset import write_mvtec_layout
+    with tempfile.TemporaryDirectory() as tmp:
+        write_mvtec_layout(tmp, list(CATEGORIES), n_train_good=n_images, n_test_good=0, n_test_defect=0, seed=seed)
+        with Pipeline.from_bundle(bundle_dir, llm=False, precision='fp32') as pipe:
+            entries = [calibrate_threshold(pipe, Path(tmp) / c / 'train' / 'good', c, percentile) for c in CATEGORIES]
+    for cls, mode, entry in entries:
+        store_threshold(bundle_dir, cls, mode, entry)
+        log.info("threshold %s (%s): %.4f", cls, mode, entry['score'])
+    return {cls: entry['score'] for cls, _, entry in entries}
+
+
 def main(argv=None) -> int:
     from .synthetic import CATEGORIES
     from .synthetic_dataset import SyntheticAnomalyDataset
@@ -323,6 +343,9 @@ def main(argv=None) -> int:
         ap.add_argument('--' + f.name.replace('_', '-'), type=type(f.default), default=f.default)
     ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
     ap.add_argument('--quant', default='f32,q8_0', help='GGUF type(s) for the bundle, the first is the default')
+    ap.add_argument('--threshold-images', type=int, default=16,
+                    help='normal images per class for the bundle\'s score thresholds (the LLM-free and two-speed '
+                         'verdicts; fresh images of the training generator; 0: none) (default: %(default)s)')
     ap.add_argument('--export-only', action='store_true', help='skip training: export <work>/final.pt')
     ap.add_argument('--no-verify', action='store_true',
                     help="export without the exporter's ONNX-vs-PyTorch check of each graph (the manifest then "
@@ -361,6 +384,8 @@ def main(argv=None) -> int:
                       **({'minutes': minutes, 'cores': os.cpu_count()} if minutes else {})},
                      precisions=('fp32',), quants=tuple(q.strip() for q in args.quant.split(',')),
                      extra_classes=extra, overwrite=True, verify=not args.no_verify)
+        if args.threshold_images:
+            calibrate_thresholds(args.bundle, s.seed, args.threshold_images)
         log.info("bundle written to %s", args.bundle)
     return 0
 

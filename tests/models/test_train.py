@@ -72,3 +72,28 @@ def test_prompt_learner_init_passes_the_map_to_the_derived_prompts(tiny_config):
         quiet, hot = pl(zero)[0, 9:], pl(spot)[0, 9:]
     assert torch.count_nonzero(quiet) == 0                      # no map, no signal (zero biases)
     assert hot.norm(dim=-1).mean() > 0.3                        # a hot spot keeps its scale through six convs
+
+
+def test_exported_bundle_carries_per_class_thresholds_from_fresh_normals(tmp_path):
+    """--threshold-images: each class's threshold is the maximum score over that many normal images of
+    the training generator, as the runtime scores them; the LLM-free verdict then uses it."""
+    import json
+
+    from anomalygpt_edge.models.synthetic import CATEGORIES
+    from anomalygpt_edge.models.synthetic_dataset import write_mvtec_layout
+    from anomalygpt_edge.runtime.pipeline import Pipeline
+    work, bundle = tmp_path / 'work', tmp_path / 'bundle'
+    assert main(args(work, 1, 1) + ['--bundle', str(bundle), '--threshold-images', '2']) == 0
+    thresholds = json.loads((bundle / 'manifest.json').read_text())['thresholds']
+    assert set(thresholds) == {c.replace('_', ' ') for c in CATEGORIES}
+    write_mvtec_layout(tmp_path / 'normals', list(CATEGORIES), n_train_good=2, n_test_good=0, n_test_defect=0, seed=0)
+    with Pipeline.from_bundle(bundle, llm=False) as pipe:
+        for c in CATEGORIES:
+            scores = [pipe.inspect(p, class_name=c, llm=False).score
+                      for p in sorted((tmp_path / 'normals' / c / 'train' / 'good').glob('*.png'))]
+            entry = thresholds[c.replace('_', ' ')]['zero-shot']
+            assert entry['score'] == pytest.approx(max(scores), abs=1e-6) and entry['n_images'] == 2
+        first = list(CATEGORIES)[0]
+        r = pipe.inspect(sorted((tmp_path / 'normals' / first / 'train' / 'good').glob('*.png'))[0],
+                         class_name=first, llm=False)
+        assert r.verdict_source == 'threshold' and r.verdict == 'no'   # a calibration image is at most the max
