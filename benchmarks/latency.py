@@ -62,7 +62,7 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
 
@@ -98,14 +98,14 @@ def run_vision(opts: BenchOptions, cfg, bundle, work: Path) -> dict:
            'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}}
     ref_outputs = None
     for dtype in opts.baselines:
-        with _bar(per, f'vision torch {dtype}', opts.progress) as bar:
+        with progress_bar(per, f'vision torch {dtype}', opts.progress) as bar:
             out['baseline'][f'torch_{dtype}'], last = bench_vision.bench_torch(
                 setup, dtype, frame, opts.threads, opts.runs, opts.warmup, bar)
         if dtype == 'fp32':
             ref_outputs = last
         gc.collect()
     for precision in opts.precisions:
-        with _bar(per, f'vision onnxruntime {precision}', opts.progress) as bar:
+        with progress_bar(per, f'vision onnxruntime {precision}', opts.progress) as bar:
             out['ours'][f'ort_{precision}'], last = bench_vision.bench_onnxruntime(
                 setup, precision, frame, opts.threads, opts.runs, opts.warmup, bar,
                 check_input=None if ref_outputs is None else ref_outputs['input'])
@@ -175,17 +175,17 @@ def run_llm(opts: BenchOptions, cfg, bundle, tok_dir, work: Path, save=lambda _r
                 'question': question, 'stretched_to': positions}
         kw = dict(runs=runs, warmup=opts.warmup, n_decode=opts.decode_tokens, answer_tokens=opts.answer_tokens)
         for dtype in opts.baselines:
-            with _bar(per, f'LLM {n}L HF {dtype}', opts.progress) as bar:
+            with progress_bar(per, f'LLM {n}L HF {dtype}', opts.progress) as bar:
                 res['baseline'].setdefault(f'hf_{dtype}', {'by_layers': {}})['by_layers'][n] = bench_llm.bench_hf(
                     hf, dtype, layout, opts.threads, seed=opts.seed, progress=bar, **kw)
         del hf
         gc.collect()
         for q, path in paths.items():
             res['gguf_bytes'].setdefault(q, {})[n] = bench_llm.gguf_bytes(path)
-            with _bar(per, f'LLM {n}L session {q}', opts.progress) as bar:
+            with progress_bar(per, f'LLM {n}L session {q}', opts.progress) as bar:
                 res['ours'].setdefault(q, {'by_layers': {}})['by_layers'][n] = bench_llm.bench_session(
                     path, layout, opts.threads, seed=opts.seed, progress=bar, **kw)
-            with _bar(per, f'LLM {n}L raw llama.cpp {q}', opts.progress) as bar:
+            with progress_bar(per, f'LLM {n}L raw llama.cpp {q}', opts.progress) as bar:
                 res['raw_llama_cpp'].setdefault(q, {'by_layers': {}})['by_layers'][n] = bench_llm.bench_raw(
                     path, layout.n_positions, opts.threads, seed=opts.seed, progress=bar, **kw)
         if bundle is None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import bench_llm, bench_vision
 from .bench_stats import PeakRSS, block_schedule, extrapolate
-from .latency import HUGE_PROMPT_POSITIONS, _bar
+from .latency import HUGE_PROMPT_POSITIONS, progress_bar
 from .machine import machine_info, memory_bandwidth
 
 SCHEMA = 'anomalygpt-edge-bench-verdict/1'
@@ -198,7 +198,7 @@ def run_vision(opts: VerdictOptions, cfg, work: Path) -> tuple[dict, object]:
         for name in opts.vision:
             graph_set, runner_opts = VISION_OURS[name]
             chains[('ours', name)] = bench_vision.OrtChain(setup, graph_set, opts.threads, **runner_opts)
-        with _bar(len(block_schedule(chains, opts.runs, opts.warmup, opts.rounds)), 'vision', opts.progress) as bar:
+        with progress_bar(len(block_schedule(chains, opts.runs, opts.warmup, opts.rounds)), 'vision', opts.progress) as bar:
             figures = bench_vision.measure(chains, frame, opts.runs, opts.warmup, bar, opts.rounds)
         out = {'ours': {}, 'baseline': {}, 'agreement_vs_torch_fp32': {}, 'export_s': setup.export_s,
                'method': 'all configurations loaded together, timed in blocks (each with its own warm-up) over '
@@ -265,7 +265,7 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
             runners[('raw_llama_cpp', raw_q)] = bench_llm.RawRun(paths[raw_q], layout.n_positions, opts.threads,
                                                                  n_ctx=512, seed=opts.seed)
             res.setdefault('bandwidth', {})[n] = memory_bandwidth(opts.threads)
-            with _bar(len(block_schedule(runners, opts.runs, opts.warmup, opts.rounds)), f'LLM {n} layers',
+            with progress_bar(len(block_schedule(runners, opts.runs, opts.warmup, opts.rounds)), f'LLM {n} layers',
                       opts.progress) as bar:
                 figures = bench_llm.measure(runners, opts.runs, opts.warmup, opts.decode_tokens, 1, bar, opts.rounds)
         finally:
