@@ -3,7 +3,9 @@ MVTec-AD-style folder of held-out defects for evaluation.
 
 Sample i is: a fixed normal image of category ``categories[i % n]`` (the same every epoch, like a
 training set on disk), the normal conversation and a zero mask; then the same image with NSA patches
-from another sample's image (any category, as the reference's "previous sample"), its answer and label.
+from another sample's image (any category, as the reference's "previous sample"), its answer and label;
+with ``foreign_fraction`` > 0, that share of the simulated images gets a foreign-content blob instead
+(``foreign_sim``), from the same other image for its 'texture' content.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch.utils.data import Dataset
 
 from . import spec
 from .anomaly_sim import BINARY_THRESHOLD, simulate
+from .foreign_sim import simulate_foreign
 from .defects import DEFECT_KINDS, DefectResult, add_defect
 from .synthetic import CATEGORIES, get_category, normal_image
 
@@ -37,12 +40,16 @@ class SyntheticAnomalyDataset(Dataset):
     answers (2 strings each), category, and ``positions`` of the simulated image's patches."""
 
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
-                 cache_normals: bool = False):
+                 cache_normals: bool = False, foreign_fraction: float = 0.0):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
         self.length, self.seed, self.epoch = length, seed, 0
         self.cumulative_centres = cumulative_centres
+        if not 0.0 <= foreign_fraction <= 1.0:
+            raise ValueError(f"foreign_fraction must be in [0, 1], got {foreign_fraction}")
+        # the share of simulated images made by ``foreign_sim`` instead of the reference's NSA patches
+        self.foreign_fraction = foreign_fraction
         # each sample renders two normal images (its own and the patch source); caching them keeps
         # ~150 kB per sample and leaves only the simulation per item (per DataLoader worker)
         self._cache: dict[int, np.ndarray] | None = {} if cache_normals else None
@@ -74,8 +81,11 @@ class SyntheticAnomalyDataset(Dataset):
         rng = np.random.default_rng([self.seed, 1, self.epoch, index])
         src_index = (index + 1 + int(rng.integers(self.length - 1))) % self.length   # any sample but this one
         dest = self.normal(index)
-        sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
-                       cumulative_centres=self.cumulative_centres)
+        if self.foreign_fraction and rng.random() < self.foreign_fraction:
+            sim = simulate_foreign(dest, self.normal(src_index), self.category_of(index), rng)
+        else:
+            sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
+                           cumulative_centres=self.cumulative_centres)
         return dest, sim
 
     def __getitem__(self, index: int) -> dict:

@@ -55,6 +55,9 @@ class TrainSettings:
     # stage 2 learns from maps of normal images of seed + this offset, which stage 1 never trained on, so
     # they look like the maps of new images (0: stage 1's own images)
     language_seed_offset: int = 1
+    # share of simulated anomalies made by models/foreign_sim.py (the rest are the reference's NSA patches):
+    # a tower trained from scratch on NSA alone learns "pasted texture", not "abnormal"
+    foreign_fraction: float = 0.5
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -365,9 +368,11 @@ def main(argv=None) -> int:
     if args.export_only:
         minutes = load_trained(work, model, text).get('minutes')
     else:
-        dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True)
+        dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True,
+                                          foreign_fraction=s.foreign_fraction)
         lm_dataset = dataset if not s.language_seed_offset else \
-            SyntheticAnomalyDataset(args.samples, seed=s.seed + s.language_seed_offset, cache_normals=True)
+            SyntheticAnomalyDataset(args.samples, seed=s.seed + s.language_seed_offset, cache_normals=True,
+                                    foreign_fraction=s.foreign_fraction)
         # stage times add up over resumed runs (each checkpoint carries its stage's seconds so far)
         vision_s = train_vision(model, text, dataset, s, work / 'vision.pt')
         log.info("vision stage: %.1f min of training", vision_s / 60)

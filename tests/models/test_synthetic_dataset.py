@@ -128,3 +128,21 @@ def test_mvtec_layout(tmp_path):
                 changed = np.abs(img.astype(int) - normal).max(-1) > 10
                 near = cv2.dilate(mask, np.ones((7, 7), np.uint8)) > 0
                 assert changed.any() and (changed & near).sum() / changed.sum() > 0.95
+
+
+def test_foreign_fraction_mixes_in_foreign_blobs():
+    nsa = SyntheticAnomalyDataset(10, seed=3)
+    mixed = SyntheticAnomalyDataset(10, seed=3, foreign_fraction=1.0)
+    for i in range(10):
+        dest, a = nsa.simulated(i)
+        _, b = mixed.simulated(i)
+        assert a.rects and not b.rects        # NSA records its patch rectangles; a foreign blob has none
+        assert not np.array_equal(a.image, b.image)
+    # 0 keeps the reference's stream exactly (no extra draw)
+    zero = SyntheticAnomalyDataset(10, seed=3, foreign_fraction=0.0)
+    assert all(np.array_equal(nsa.simulated(i)[1].image, zero.simulated(i)[1].image) for i in range(4))
+    half = SyntheticAnomalyDataset(40, seed=3, foreign_fraction=0.5)
+    share = np.mean([not half.simulated(i)[1].rects for i in range(40)])
+    assert 0.25 < share < 0.75
+    with pytest.raises(ValueError, match='foreign_fraction'):
+        SyntheticAnomalyDataset(4, foreign_fraction=1.5)
