@@ -6,7 +6,8 @@ chosen configuration.
   anomalygpt-edge bench-verdict --json benchmarks/results/verdict-cpu.json --markdown benchmarks/results/verdict-cpu.md
 
 On 2 cores the huge run takes about 30-40 minutes and ~12 GB of RAM; run nothing else beside it.
-`--config tiny` is a smoke run of the same code (seconds).
+`--config tiny` is a smoke run of the same code (seconds). `--memory-only` measures resident memory
+only (each memory variant in a fresh process, no timing; minutes, reusing `--work-dir`'s files).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _list(text: str) -> tuple:
 
 
 def add_arguments(p) -> None:
-    from .verdict import LLM_VARIANTS, VISION_BASELINES, VISION_OURS
+    from .verdict import LLM_VARIANTS, MEMORY_VARIANTS, VISION_BASELINES, VISION_OURS
     p.add_argument('--config', choices=('tiny', 'huge'), default='huge')
     p.add_argument('--llm-layers', default='2,4', help='LLM depths to measure and fit (default: %(default)s)')
     p.add_argument('--threads', type=int, default=2)
@@ -33,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument('--llm-variants', help='LLM configurations, separated by ";" (default: all of: '
                    + '; '.join(v.name for v in LLM_VARIANTS) + ')')
     p.add_argument('--no-memory', action='store_true', help='skip the resident-memory probe')
+    p.add_argument('--memory-only', action='store_true',
+                   help='resident memory of the memory variants only (no speed runs); reuses --work-dir files')
+    p.add_argument('--memory-variants', help='with --memory-only, separated by ";" (default: all of: '
+                   + '; '.join(v.name for v in MEMORY_VARIANTS) + ')')
     p.add_argument('--work-dir', help='keep the exported graphs and GGUF files here (default: temporary)')
     p.add_argument('--json', required=True, metavar='PATH')
     p.add_argument('--markdown', metavar='PATH')
@@ -41,7 +46,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .bench_report import save_report, write_json
-    from .verdict import LLM_VARIANTS, VerdictOptions, markdown, run_verdict
+    from .verdict import LLM_VARIANTS, MEMORY_VARIANTS, VerdictOptions, markdown, memory_markdown, run_memory, run_verdict
     try:
         layers = tuple(int(n) for n in _list(args.llm_layers))
     except ValueError:
@@ -54,15 +59,21 @@ def run(args) -> int:
     if args.runs < 1 or args.rounds < 1:
         print("anomalygpt-edge bench-verdict: --runs and --rounds must be >= 1", file=sys.stderr)
         return 2
+    if args.memory_variants and not args.memory_only:
+        print("anomalygpt-edge bench-verdict: --memory-variants goes with --memory-only", file=sys.stderr)
+        return 2
+    memory_variants = (tuple(v.strip() for v in args.memory_variants.split(';')) if args.memory_variants
+                       else tuple(v.name for v in MEMORY_VARIANTS))
     opts = VerdictOptions(config=args.config, llm_layers=layers, threads=args.threads, runs=args.runs, rounds=args.rounds,
                           warmup=args.warmup, decode_tokens=args.decode_tokens, vision=_list(args.vision),
                           baselines=_list(args.baselines), llm_variants=variants, memory=not args.no_memory,
+                          memory_variants=memory_variants,
                           work_dir=args.work_dir, progress=not args.quiet, on_phase=lambda r: write_json(args.json, r),
                           command='anomalygpt-edge bench-verdict ' + shlex.join(sys.argv[2:] if sys.argv[1:2] == ['bench-verdict'] else []))
     try:
-        report = run_verdict(opts)
+        report = run_memory(opts) if args.memory_only else run_verdict(opts)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"anomalygpt-edge bench-verdict: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    save_report(report, args.json, markdown(report), args.markdown)
+    save_report(report, args.json, (memory_markdown if args.memory_only else markdown)(report), args.markdown)
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,7 @@ class VerdictOptions:
     llm_variants: tuple = tuple(v.name for v in LLM_VARIANTS)
     hf_baselines: tuple = ('fp32', 'bf16')
     memory: bool = True
+    memory_variants: tuple = ()   # MEMORY_VARIANTS names, for run_memory (``--memory-only``)
     work_dir: str | None = None
     progress: bool = True
     command: str = ''
@@ -291,7 +293,7 @@ def run_llm(opts: VerdictOptions, cfg, tok_dir: Path, work: Path, save=lambda _r
 
 
 # -- resident memory --------------------------------------------------------------------------------
-_MEMORY_PROBE = r'''
+_MEMORY_PROBE = r"""
 import json, sys, time
 import numpy as np
 import psutil
@@ -300,8 +302,12 @@ from anomalygpt_edge.runtime.llama_session import LlamaSession
 from anomalygpt_edge.runtime.preprocess import preprocess
 a = json.loads(sys.argv[1])
 rss = lambda: psutil.Process().memory_info().rss / 2**20
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (a large benchmark process)
+hwm = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
 out = {'start': rss()}
-r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=a['threads']) for c, p in a['onnx'].items()}
+r = {c: OrtRunner(p, providers=['CPUExecutionProvider'], intra_op_threads=a['threads'], **a['ort'])
+     for c, p in a['onnx'].items()}
+out['vision_loaded'] = rss()
 frame = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
 x = preprocess(frame, a['mean'], a['std'], a['size'], 'squash')
 feats = np.load(a['feats'])
@@ -310,23 +316,60 @@ for _ in range(2):
     amap = r['decoder'].infer({'taps': enc['taps'], 'text_features': feats})['anomaly_map']
     prompts = r['prompt_learner'].infer({'anomaly_map': amap})['prompts']
 out['vision'] = rss()
-s = LlamaSession(a['gguf'], n_ctx=a['n_ctx'], n_threads=a['threads'], repack=a['repack'])
+out['vision_peak'] = hwm()
+s = LlamaSession(a['gguf'], n_ctx=a['n_ctx'], n_threads=a['threads'], repack=a['repack'], kv_type=a['kv_type'])
+out['n_ctx'] = s.n_ctx
 rng = np.random.default_rng(0)
 for _ in range(2):
     s.reset()
     s.eval_embeddings((rng.standard_normal((a['positions'], s.n_embd)) * 0.02).astype(np.float32))
     s.generate(16, stop=())
 out['steady'] = rss()
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (a large benchmark process)
-out['peak'] = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
+out['peak'] = hwm()
 print(json.dumps(out))
-'''
+"""
+
+
+@dataclass(frozen=True)
+class MemoryVariant:
+    """One resident-memory configuration: the GGUF type, the LLM context and KV cache type, the prompt
+    learner's graph ('fp32', or 'int8': dynamic INT8 of its MatMul form) and ONNX Runtime's memory
+    options. The vision side is always the INT8 dynamic encoder and the FP32 decoder."""
+    name: str
+    quant: str = 'q4_k_m'
+    n_ctx: int = 512
+    kv_type: str = 'f16'
+    prompt_learner: str = 'fp32'
+    arena: bool = True
+    mem_pattern: bool = True
+    repack: bool = False
+
+
+# the first is the configuration measured before (benchmarks/README.md, "Time to verdict"); each next one
+# changes one lever; the last ones combine the winners
+MEMORY_VARIANTS = (
+    MemoryVariant('before: q4_k_m, n_ctx 512, f16 KV, FP32 prompt learner'),
+    MemoryVariant('INT8 prompt learner', prompt_learner='int8'),
+    MemoryVariant('n_ctx 256', n_ctx=256),
+    MemoryVariant('n_ctx 256, q8_0 KV', n_ctx=256, kv_type='q8_0'),
+    MemoryVariant('q4_k_s', quant='q4_k_s'),
+    MemoryVariant('iq4_xs', quant='iq4_xs'),
+    MemoryVariant('ORT memory pattern off', mem_pattern=False),
+    MemoryVariant('ORT arena off', arena=False),
+    MemoryVariant('INT8 prompt learner, n_ctx 256, q8_0 KV', prompt_learner='int8', n_ctx=256, kv_type='q8_0'),
+    MemoryVariant('INT8 prompt learner, n_ctx 256, q8_0 KV, q4_k_s', quant='q4_k_s', prompt_learner='int8',
+                  n_ctx=256, kv_type='q8_0'),
+    MemoryVariant('INT8 prompt learner, n_ctx 256, q8_0 KV, iq4_xs', quant='iq4_xs', prompt_learner='int8',
+                  n_ctx=256, kv_type='q8_0'),
+)
 
 
 def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, threads: int, repack: bool,
-                    positions: int, target_layers: int, work: Path, n_ctx: int = 512) -> dict:
+                    positions: int, target_layers: int, work: Path, n_ctx: int = 512, kv_type: str = 'f16',
+                    ort_options: dict | None = None) -> dict:
     """RSS of one fresh process (the runtime only: no torch) holding the vision graphs and the LLM after
-    two frames: after the vision runs, steady after the LLM, and peak; per LLM depth, extrapolated."""
+    two frames: after the vision runs, steady after the LLM, and peak; per LLM depth, extrapolated.
+    ``ort_options`` go to every ``OrtRunner`` (arena, mem_pattern)."""
     from ..models import spec
     feats = work / 'feats.npy'
     np.save(feats, text_features)
@@ -334,8 +377,8 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
     for n, gguf in gguf_paths.items():
         arg = json.dumps({'onnx': {k: str(v) for k, v in onnx.items() if k != 'fewshot'}, 'feats': str(feats),
                           'gguf': str(gguf), 'threads': threads, 'repack': repack, 'positions': positions,
-                          'n_ctx': n_ctx, 'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD),
-                          'size': spec.IMAGE_SIZE})
+                          'n_ctx': n_ctx, 'kv_type': kv_type, 'ort': dict(ort_options or {}),
+                          'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD), 'size': spec.IMAGE_SIZE})
         done = subprocess.run([sys.executable, '-c', _MEMORY_PROBE, arg], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -347,9 +390,149 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
     if at['steady']['value'] > at['peak']['value']:
         at['peak'] = {**at['steady'], 'note': 'the fitted steady RSS: above the peak measured at the fitted depths'}
     return {'by_layers': by, 'vision_mb': float(np.median([b['vision'] for b in by.values()])),
-            'at_target': at, 'n_ctx': n_ctx, 'repack': repack,
+            'at_target': at, 'n_ctx': n_ctx, 'kv_type': kv_type, 'repack': repack, 'ort': dict(ort_options or {}),
             'method': 'one fresh process: the vision graphs (encoder, decoder, prompt learner) run twice, then the '
                       'LLM prefill + 16 decode steps twice; RSS via psutil, peak = VmHWM; LLM depth fitted'}
+
+
+def memory_graphs(cfg, work: Path, seed: int) -> dict:
+    """The graphs the memory variants load, from ``work`` when a previous run left them there, else
+    exported / quantized into it (``calibration.int8``, method 'dynamic', as ``calibrate int8`` makes
+    them): {'encoder' (INT8), 'decoder', 'prompt_learner': {'fp32', 'int8'}}."""
+    from ..calibration.int8 import QuantizeOptions, quantize_onnx
+    vision = work / 'vision'
+    if not (vision / 'encoder.onnx').is_file():
+        bench_vision.prepare_vision(cfg, work, ('fp32',), None, seed, log=_log)
+    encoder = work / 'encoder-int8-dynamic.onnx'
+    if not encoder.is_file():
+        _log("INT8 encoder (dynamic)")
+        quantize_onnx(vision / 'encoder.onnx', encoder, None, 'encoder', 'image',
+                      QuantizeOptions(method='dynamic', target='onnxruntime'))
+    pl = vision / 'prompt_learner.onnx'
+    pl_int8 = work / 'prompt_learner-int8-dynamic.onnx'
+    if not pl_int8.is_file():  # the calibrate int8 code path: the last conv in its MatMul form, INT8 weights
+        _log("INT8 prompt learner (dynamic)")
+        quantize_onnx(pl, pl_int8, None, 'prompt_learner', 'anomaly_map',
+                      QuantizeOptions(method='dynamic', target='onnxruntime'))
+    return {'encoder': encoder, 'decoder': vision / 'decoder.onnx', 'prompt_learner': {'fp32': pl, 'int8': pl_int8}}
+
+
+def memory_ggufs(cfg, work: Path, layers, quants, seed: int) -> dict:
+    """{layers: {quant: path}} under ``work/llm-<n>/``: kept from a previous run, requantized from a
+    BF16/F16/F32 file there (llama.cpp), or written from a seeded random model."""
+    from ..export.quantize import quantize_gguf
+    from ..models.tokenizer import reference_corpus, train_sentencepiece
+    out = {}
+    for n in layers:
+        d = work / f'llm-{n}'
+        missing = [q for q in quants if not (d / f'llm-{q}.gguf').is_file()]
+        src = next((d / f'llm-{q}.gguf' for q in ('f32', 'f16', 'bf16') if (d / f'llm-{q}.gguf').is_file()), None)
+        if missing and src is None:
+            tok = train_sentencepiece(work / 'tokenizer', reference_corpus(), vocab_size=400)
+            _log(f"LLM {n} layers: writing GGUF {', '.join(missing)}")
+            bench_llm.export_gguf(bench_llm.build_hf(cfg.llm, n, seed), tok, d, missing)
+        elif missing:
+            for q in missing:
+                _log(f"LLM {n} layers: {src.name} -> {q}")
+                quantize_gguf(src, d / f'llm-{q}.gguf', q)
+        out[n] = {q: d / f'llm-{q}.gguf' for q in quants}
+    return out
+
+
+def run_memory(opts: VerdictOptions) -> dict:
+    """Resident memory only (``bench-verdict --memory-only``): every memory variant in a fresh process of
+    its own, at each LLM depth, extrapolated; no timing. Reuses the real-shape graphs and GGUF files of
+    ``work_dir`` when they are there."""
+    from ..models.config import get_config
+    variants = [v for v in MEMORY_VARIANTS if v.name in opts.memory_variants]
+    unknown = set(opts.memory_variants) - {v.name for v in MEMORY_VARIANTS}
+    if unknown:
+        raise ValueError(f"unknown memory variants {sorted(unknown)}; known: {[v.name for v in MEMORY_VARIANTS]}")
+    cfg = get_config(opts.config) if opts.config == 'huge' else None
+    own = opts.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix='agpt-memory-') if own else opts.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    try:
+        if cfg is None:
+            from ..models.tokenizer import reference_corpus, train_sentencepiece, vocab_size
+            cfg = get_config(opts.config, vocab=vocab_size(train_sentencepiece(work / 'tokenizer', reference_corpus(),
+                                                                               vocab_size=400)))
+        graphs = memory_graphs(cfg, work, opts.seed)
+        ggufs = memory_ggufs(cfg, work, opts.llm_layers, sorted({v.quant for v in variants}), opts.seed)
+        feats = bench_vision.random_text_features(cfg.vision.embed_dim, opts.seed)
+        report = {'schema': SCHEMA, 'command': opts.command, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                  'machine': machine_info(), 'config': cfg.name, 'memory_only': True,
+                  'options': {'llm_layers': list(opts.llm_layers), 'threads': opts.threads,
+                              'prompt_positions': opts.prompt_positions, 'seed': opts.seed},
+                  'graph_bytes': {c: os.path.getsize(p) + sum(os.path.getsize(d) for d in p.parent.glob(p.name + '.data'))
+                                  for c, p in (('encoder_int8', graphs['encoder']), ('decoder', graphs['decoder']),
+                                               ('prompt_learner_fp32', graphs['prompt_learner']['fp32']),
+                                               ('prompt_learner_int8', graphs['prompt_learner']['int8']))},
+                  'gguf_bytes': {q: {n: bench_llm.gguf_bytes(ggufs[n][q]) for n in ggufs} for q in ggufs[opts.llm_layers[0]]},
+                  'memory_variants': {}}
+        for i, v in enumerate(variants):
+            _log(f"memory {i + 1}/{len(variants)}: {v.name}")
+            onnx = {'encoder': graphs['encoder'], 'decoder': graphs['decoder'],
+                    'prompt_learner': graphs['prompt_learner'][v.prompt_learner]}
+            res = resident_memory(onnx, feats, {n: p[v.quant] for n, p in ggufs.items()}, opts.threads, v.repack,
+                                  opts.prompt_positions, cfg.llm.layers, work, n_ctx=v.n_ctx, kv_type=v.kv_type,
+                                  ort_options={'arena': v.arena, 'mem_pattern': v.mem_pattern})
+            report['memory_variants'][v.name] = {**res, 'variant': dataclasses.asdict(v)}
+            if opts.on_phase:
+                opts.on_phase({**report, 'partial': f'{i + 1} of {len(variants)} memory variants'})
+        report['wall_s'] = round(time.time() - t_start, 1)
+        return report
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+KV_BYTES_PER_VALUE = {'f32': 4.0, 'f16': 2.0, 'q8_0': 34 / 32, 'q4_0': 18 / 32}
+
+
+def layer_estimate(report: dict, name: str) -> dict:
+    """A second figure at the target depth, less exposed to RSS noise than the two-point fit: the steady
+    RSS measured at the deepest depth plus, per missing layer, that layer's GGUF tensor bytes (exact,
+    from the files) and its KV cache (n_ctx x K and V rows of the model width; llama.cpp writes the
+    whole buffer when it clears it)."""
+    r = report['memory_variants'][name]
+    v = r['variant']
+    by = {int(k): b for k, b in r['by_layers'].items()}
+    gb = {int(k): b['tensors'] for k, b in report['gguf_bytes'][v['quant']].items() if str(k).isdigit()}
+    lo, hi = min(gb), max(gb)
+    width = report.get('llm_width', 4096)
+    per_layer = ((gb[hi] - gb[lo]) / (hi - lo) + v['n_ctx'] * 2 * width * KV_BYTES_PER_VALUE[v['kv_type']]) / 2**20
+    target = r['at_target']['steady']['at']
+    return {'value': by[hi]['steady'] + (target - hi) * per_layer, 'per_layer_mib': per_layer, 'from_layers': hi}
+
+
+def memory_markdown(report: dict, limit_mib: float = 5e9 / 2**20) -> str:
+    """One row per memory variant: steady and peak at each measured depth and at the target (extrapolated)."""
+    rows = report['memory_variants']
+    first = next(iter(rows.values()))
+    depths = sorted((str(d) for d in first['by_layers']), key=int)
+    target = first['at_target']['steady']['at']
+    lines = [f"Resident memory, {report['config']} (MiB; fresh process per row; {target} layers extrapolated from "
+             f"{', '.join(depths)}; limit {limit_mib:.0f} MiB)", '',
+             '| variant | ' + ' | '.join(f'{d} L steady / peak' for d in depths) +
+             f' | {target} L steady (fit) | {target} L peak | vs first | {target} L steady (per-layer bytes) | vs first |',
+             '|---' * (len(depths) + 6) + '|']
+    base = first['at_target']['steady']['value']
+    base_est = layer_estimate(report, next(iter(rows)))['value']
+    mark = lambda v: ' (met)' if v <= limit_mib else ''
+    for name, r in rows.items():
+        st, pk = r['at_target']['steady']['value'], r['at_target']['peak']['value']
+        est = layer_estimate(report, name)
+        by = {str(k): v for k, v in r['by_layers'].items()}
+        cells = [f"{by[d]['steady']:.0f} / {by[d]['peak']:.0f}" for d in depths]
+        lines.append(f"| {name} | " + ' | '.join(cells) + f" | {st:.0f}{mark(st)} | {pk:.0f} | {st - base:+.0f} | "
+                     f"{est['value']:.0f}{mark(est['value'])} ({est['per_layer_mib']:.1f}/layer) | "
+                     f"{est['value'] - base_est:+.0f} |")
+    lines += ['', 'fit: t = a + b layers through the measured depths (an RSS noise of ~10 MiB per point moves it by '
+                  '~150 MiB at 32 layers); per-layer bytes: the deepest measurement plus each further layer\'s GGUF '
+                  'tensor bytes and KV cache.']
+    return '\n'.join(lines)
 
 
 # -- composition ------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ thresholds for the LLM-free mode, or a legacy TensorRT INT8 engine (TensorRT < 1
 
   calibrate int8      --bundle DIR --images NORMAL_DIR --heldout MVTEC_ROOT [--method minmax|entropy|percentile]
   calibrate int8      --bundle DIR --heldout MVTEC_ROOT --method dynamic --target onnxruntime   (CPU; no calibration set)
+  calibrate int8      --bundle DIR --heldout MVTEC_ROOT --method dynamic --target onnxruntime --component prompt_learner
   calibrate threshold --bundle DIR --images NORMAL_DIR --class NAME [--percentile 100] [--reference IMG ...]
   calibrate trt-legacy --bundle DIR --images NORMAL_DIR   (on the device; writes an int8 engine set)
 
 `int8` leaves the bundle unchanged and exits 1 when the INT8 encoder loses more than --max-drop
-image-AUROC points (or its maps move more than --max-map-error) on the held-out images.
+image-AUROC points (or its maps move more than --max-map-error), or the INT8 prompt learner's prompts
+move more than --max-prompt-error, on the held-out images.
 """
 from __future__ import annotations
 
@@ -33,6 +35,13 @@ def add_arguments(p) -> None:
                    help='tensorrt: FP32 weights behind Q/DQ (TensorRT 8.6 needs them; works in ONNX Runtime too); '
                         'onnxruntime: INT8 weights, a quarter of the file (default: %(default)s)')
     q.add_argument('--no-attention', action='store_true', help='keep the attention MatMuls (Q.K^T, attn.V) FP32')
+    q.add_argument('--component', choices=('encoder', 'prompt_learner'), default='encoder',
+                   help='the graph to quantize: the encoder, or the prompt learner (--method dynamic only: its last '
+                        'conv, 105M parameters at the released size, goes to INT8 in an exactly equal MatMul form; '
+                        'a quarter of its memory) (default: %(default)s)')
+    q.add_argument('--max-prompt-error', type=float, default=0.02,
+                   help="largest relative L2 error of the 18 prompts (INT8 vs FP32 prompt learner on the FP32 map) "
+                        "allowed on any held-out image (default: %(default)s)")
     q.add_argument('--max-images', type=int, default=256, help='cap on calibration images (default: %(default)s)')
     q.add_argument('--batch-size', type=int, default=4)
     q.add_argument('--seed', type=int, default=0, help='shuffling seed (default: %(default)s)')
@@ -68,9 +77,10 @@ def add_arguments(p) -> None:
 
 def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.999, target='tensorrt',
                    quantize_attention=True, max_images=256, batch_size=4, seed=0, recursive=False, k_shot=1,
-                   max_drop=0.5, max_map_mae=0.02, log=print):
-    """Quantize, gate, and (only if the gate passes) add ``encoder-int8.onnx`` to the bundle.
-    Returns the GateReport; the bundle is unchanged when it did not pass."""
+                   max_drop=0.5, max_map_mae=0.02, log=print, component='encoder', max_prompt_error=0.02):
+    """Quantize ``component`` (the encoder, or the prompt learner: dynamic only), gate, and (only if the
+    gate passes) add ``<component>-int8.onnx`` to the bundle. Returns the GateReport; the bundle is
+    unchanged when it did not pass."""
     from ..runtime.bundle import Bundle
     from ..runtime.pipeline import Pipeline
     from ..runtime.runners import OrtRunner
@@ -79,8 +89,14 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
     from .gate import accuracy_gate
     from .int8 import INT8_TOLERANCE, QuantizeOptions, int8_file, quantize_onnx
 
+    inputs = {'encoder': 'image', 'prompt_learner': 'anomaly_map'}
+    if component not in inputs:
+        raise CalibrationError(f"cannot quantize {component!r}: INT8 is made for {sorted(inputs)}")
+    if component == 'prompt_learner' and method != 'dynamic':
+        raise CalibrationError("the prompt learner's INT8 is dynamic only (its input is an anomaly map, not a "
+                               "calibration image): --method dynamic --target onnxruntime")
     bundle = Bundle.open(bundle_dir, verify_hashes=True)
-    fp32 = bundle.component('encoder', 'fp32')
+    fp32 = bundle.component(component, 'fp32')
     # the histogram calibrators (entropy, percentile) stack every batch's activations, so all batches
     # must have one size: a short last batch would make ONNX Runtime fail on a ragged array
     opts = QuantizeOptions(method=method, percentile=percentile, target=target, quantize_attention=quantize_attention)
@@ -92,31 +108,32 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
                                            max_images=max_images, drop_last=method != 'minmax')
         if batches.n_used == 0:
             raise CalibrationError(f"{images}: {len(batches.paths)} images, fewer than one batch of {batch_size}")
-    name = int8_file('encoder')
+    name = int8_file(component)
     with tempfile.TemporaryDirectory(prefix=f'.{bundle.root.name}.int8-', dir=bundle.root.parent) as work:
         candidate = Path(work) / name
         log(f"quantizing {name} (dynamic) ..." if batches is None else
             f"calibrating {name} on {len(batches.paths)} images ({method}) ...")
-        info = quantize_onnx(bundle.path(fp32['file']), candidate, batches, 'encoder', 'image', opts)
+        info = quantize_onnx(bundle.path(fp32['file']), candidate, batches, component, inputs[component], opts)
         log("accuracy gate on the held-out images ...")
         with Pipeline(bundle, llm=False, precision='fp32') as ref, Pipeline(bundle, llm=False, precision='fp32') as cand:
-            cand.runners['encoder'] = OrtRunner(candidate, name=f'onnxruntime:{name}')
-            report = accuracy_gate(ref, cand, heldout, k_shot=k_shot, max_drop=max_drop, max_map_mae=max_map_mae)
+            cand.runners[component] = OrtRunner(candidate, name=f'onnxruntime:{name}')
+            report = accuracy_gate(ref, cand, heldout, k_shot=k_shot, max_drop=max_drop, max_map_mae=max_map_mae,
+                                   max_prompt_error=max_prompt_error)
         if not report.passed:
             return report
         entry = {'file': name, 'external_data': info['external_data'], 'precision': 'int8', 'opset': fp32['opset'],
-                 'inputs': fp32['inputs'], 'outputs': fp32['outputs'], 'tolerance': dict(INT8_TOLERANCE['encoder']),
+                 'inputs': fp32['inputs'], 'outputs': fp32['outputs'], 'tolerance': dict(INT8_TOLERANCE[component]),
                  'verified': None, 'source': {'file': fp32['file'], 'sha256': bundle.manifest['files'][fp32['file']]['sha256']},
                  'quantization': {k: v for k, v in info.items() if k != 'external_data'},
                  'gate': report.to_dict()}
         new = {name: candidate}
         if info['external_data']:
             new[info['external_data']] = candidate.parent / info['external_data']
-        old = bundle.manifest['components']['encoder'].get('int8') or {}
+        old = bundle.manifest['components'][component].get('int8') or {}
         stale = tuple(f for f in (old.get('file'), old.get('external_data')) if f and f not in new)
 
         def edit(manifest):
-            manifest['components']['encoder']['int8'] = entry
+            manifest['components'][component]['int8'] = entry
         update_bundle(bundle.root, edit, new_files=new, remove=stale)
     return report
 
@@ -124,14 +141,16 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
 def _int8(args) -> int:
     report = calibrate_int8(args.bundle, args.images, args.heldout, args.method, args.percentile, args.target,
                             not args.no_attention, args.max_images, args.batch_size, args.seed, args.recursive,
-                            args.k_shot, args.max_drop, args.max_map_error)
+                            args.k_shot, args.max_drop, args.max_map_error, component=args.component,
+                            max_prompt_error=args.max_prompt_error)
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
     if not report.passed:
         print(f"anomalygpt-edge calibrate int8: refused; {args.bundle} is unchanged", file=sys.stderr)
         return 1
-    print(f"{args.bundle}: added encoder-int8.onnx (inspect --precision int8, build-engines --precision int8)")
+    print(f"{args.bundle}: added {args.component}-int8.onnx (inspect --precision int8 or auto"
+          + (", build-engines --precision int8)" if args.component == 'encoder' else ")"))
     return 0
 
 

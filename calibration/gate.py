@@ -6,7 +6,9 @@ measured: anomaly-map errors (max and mean absolute), encoder output errors (the
 image AUROC and pixel AUROC (means over classes, per mode) for FP32 and INT8. The calibration is
 refused when the
 AUROC drops by more than ``max_drop`` points (1 point = 0.01) in any mode, or when the mean
-absolute map error exceeds ``max_map_mae``.
+absolute map error exceeds ``max_map_mae``. The prompt learners of both are also run on the same
+(reference) map of the first ``PROMPT_CASES`` images: the worst relative L2 error of the 18 prompts must
+stay within ``max_prompt_error`` (it is 0 when the candidate's prompt learner is the FP32 one).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..benchmarks.metrics import image_auroc, mean_or_none, pixel_auroc
 from ..runtime.compare import ComparisonReport, compare_outputs
 
 ENCODER_CASES = 16  # held-out images on which the encoder outputs themselves are compared
+PROMPT_CASES = 32   # held-out images on which the prompt learners' outputs are compared
 
 
 @dataclass
@@ -30,6 +33,8 @@ class GateReport:
     map_max_abs: float = 0.0
     map_mean_abs: float = 0.0
     encoder: dict = field(default_factory=dict)   # output -> worst max_abs / max_rel / min_cosine
+    prompts: dict = field(default_factory=dict)   # worst max_abs, rel_l2 and min cosine of the 18 prompts
+    max_prompt_error: float = 0.02
     n_images: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -40,7 +45,8 @@ class GateReport:
     def to_dict(self) -> dict:
         return {'passed': self.passed, 'reasons': self.reasons, 'max_drop_points': self.max_drop,
                 'max_map_mae': self.max_map_mae, 'n_images': self.n_images, 'map_max_abs': self.map_max_abs,
-                'map_mean_abs': self.map_mean_abs, 'encoder': self.encoder, 'modes': self.modes}
+                'map_mean_abs': self.map_mean_abs, 'encoder': self.encoder, 'prompts': self.prompts,
+                'max_prompt_error': self.max_prompt_error, 'modes': self.modes}
 
     def summary(self) -> str:
         lines = [f"accuracy gate: {'PASSED' if self.passed else 'REFUSED'} on {self.n_images} held-out images"]
@@ -54,8 +60,26 @@ class GateReport:
         for name, w in self.encoder.items():
             lines.append(f"  encoder {name}: max abs {w['max_abs']:.4g}  max rel {w['max_rel']:.4g}  "
                          f"min cosine {w['min_cosine']:.6f}")
+        if self.prompts:
+            p = self.prompts
+            lines.append(f"  prompts: max abs {p['max_abs']:.4g}  relative L2 {p['rel_l2']:.4g} (limit "
+                         f"{self.max_prompt_error:g})  min cosine {p['min_cosine']:.6f}")
         lines += [f"  refused: {r}" for r in self.reasons]
         return '\n'.join(lines)
+
+
+def _compare_prompts(reference, candidate, amap: np.ndarray, worst: dict) -> None:
+    """Both prompt learners on the same map; the worst errors so far kept in ``worst``."""
+    x = np.ascontiguousarray(amap[None, None], dtype=np.float32)
+    p = reference.runners['prompt_learner'].infer({'anomaly_map': x})['prompts'].astype(np.float64)
+    q = candidate.runners['prompt_learner'].infer({'anomaly_map': x})['prompts'].astype(np.float64)
+    d = q - p
+    rel = float(np.linalg.norm(d) / max(np.linalg.norm(p), 1e-12))
+    cos = float((p * q).sum() / max(np.linalg.norm(p) * np.linalg.norm(q), 1e-12))
+    worst['max_abs'] = max(worst['max_abs'], float(np.abs(d).max()))
+    worst['rel_l2'] = max(worst['rel_l2'], rel) if np.isfinite(rel) else float('nan')
+    worst['min_cosine'] = min(worst['min_cosine'], cos)
+    worst['n_images'] += 1
 
 
 def _bundle_class(pipeline, folder_name: str, class_map) -> str:
@@ -64,9 +88,10 @@ def _bundle_class(pipeline, folder_name: str, class_map) -> str:
 
 
 def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop: float = 0.5,
-                  max_map_mae: float = 0.02, classes=None, class_map=None) -> GateReport:
+                  max_map_mae: float = 0.02, classes=None, class_map=None, max_prompt_error: float = 0.02) -> GateReport:
     """``reference`` / ``candidate``: Pipelines (LLM not needed) differing only in their vision runners."""
-    report = GateReport(max_drop, max_map_mae)
+    report = GateReport(max_drop, max_map_mae, max_prompt_error=max_prompt_error)
+    prompt_err = {'max_abs': 0.0, 'rel_l2': 0.0, 'min_cosine': 1.0, 'n_images': 0}
     found = discover(heldout_root, classes)
     modes = ['zero-shot'] + ([f'{k_shot}-shot'] if k_shot else [])
     per_mode = {m: {'fp32': [], 'int8': [], 'px_fp32': [], 'px_int8': [], 'per_class': {}} for m in modes}
@@ -90,6 +115,8 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
                                                {'atol': 0.0, 'rtol': 0.0}, str(s.path)))
                 a = reference.inspect(s.path, class_name=cls, memory=mem_ref, llm=False)
                 b = candidate.inspect(s.path, class_name=cls, memory=mem_cand, llm=False)
+                if mode == 'zero-shot' and prompt_err['n_images'] < PROMPT_CASES:
+                    _compare_prompts(reference, candidate, a.anomaly_map, prompt_err)
                 d = np.abs(a.anomaly_map.astype(np.float64) - b.anomaly_map)
                 max_abs, abs_sum, n_px = max(max_abs, float(d.max())), abs_sum + float(d.sum()), n_px + d.size
                 s_ref.append(a.score)
@@ -115,6 +142,10 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
     if report.map_mean_abs > max_map_mae:
         report.reasons.append(f"mean absolute anomaly-map error {report.map_mean_abs:.4f} exceeds "
                               f"--max-map-error {max_map_mae:g}")
+    report.prompts = prompt_err
+    if not np.isfinite(prompt_err['rel_l2']) or prompt_err['rel_l2'] > max_prompt_error:
+        report.reasons.append(f"the prompts move by {prompt_err['rel_l2']:.4f} (relative L2, worst image), more than "
+                              f"--max-prompt-error {max_prompt_error:g}")
     names = dict.fromkeys(r.name for r in enc.results)
     report.encoder = {n: enc.worst(n) for n in names}
     if any(r.error for r in enc.results):

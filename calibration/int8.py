@@ -33,6 +33,8 @@ EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a graph keeps 
 QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
 # Per component: whether every node after an L2 normalisation stays FP32 (as the FP16 policy)
 AFTER_NORMALISE = {'encoder': True, 'decoder': True, 'fewshot': False, 'prompt_learner': False}
+# Components whose large convolutions go to INT8 in the MatMul form (``conv_as_matmul``) with method 'dynamic'
+CONV_AS_MATMUL = ('prompt_learner',)
 # Default tolerance of an INT8 variant against FP32, recorded in the manifest; the accuracy gate
 # (calibration.gate) is what decides whether a calibration is kept.
 INT8_TOLERANCE = {'encoder': {'atol': 1.0, 'rtol': 0.25}, 'prompt_learner': {'atol': 5e-2, 'rtol': 5e-2}}
@@ -88,6 +90,73 @@ def fp32_nodes(model: onnx.ModelProto, component: str) -> set[str]:
     return keep
 
 
+def conv_as_matmul(model: onnx.ModelProto, min_weights: int = 0) -> list[str]:
+    """Rewrite in place every Conv that is stride 1, unpadded, undilated and ungrouped, with a constant
+    weight of at least ``min_weights`` values, into an exactly equal MatMul form: the k x k patches
+    sliced out of its input and flattened in the weight's (c, kh, kw) order, [B, h w, C k k] @ [C k k, D]
+    + bias, back to [B, D, h, w]. The prompt learner's last conv (1024 -> 4096, 5x5 on a 7x7 map: 105M
+    of its 107M parameters) is one: ONNX Runtime's dynamic INT8 MatMul is fast where its integer Conv
+    is slower than FP32. Needs the input's spatial size to be static. Returns the rewritten node names."""
+    from onnx import helper, numpy_helper
+    import numpy as np
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = {v.name: [d.dim_value if d.HasField('dim_value') else None for d in v.type.tensor_type.shape.dim]
+              for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    shapes.update({v.name: [d.dim_value if d.HasField('dim_value') else None for d in v.type.tensor_type.shape.dim]
+                   for v in model.graph.input})
+    done, nodes = [], []
+    for node in model.graph.node:
+        if node.op_type != 'Conv' or len(node.input) < 2:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w_init = inits.get(node.input[1])
+        spatial = (shapes.get(node.input[0]) or [None] * 4)[2:]
+        if (w_init is None or len(w_init.dims) != 4 or int(np.prod(w_init.dims)) < min_weights
+                or any(attrs.get('pads', [0])) or any(v != 1 for v in attrs.get('strides', [1]))
+                or any(v != 1 for v in attrs.get('dilations', [1])) or attrs.get('group', 1) != 1
+                or attrs.get('auto_pad', b'NOTSET') not in (b'NOTSET', 'NOTSET', b'VALID', 'VALID')
+                or len(spatial) != 2 or None in spatial or (len(node.input) > 2 and node.input[2] not in inits)):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(w_init)
+        d, c, kh, kw = w.shape
+        h, wd = spatial[0] - kh + 1, spatial[1] - kw + 1
+        p = f'{node.name or node.output[0]}/matmul'
+
+        def const(name, value):
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), f'{p}/{name}'))
+            return f'{p}/{name}'
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.reshape(d, -1).T), f'{p}/weight'))
+        axes, row = const('axes', [2, 3]), const('row', [0, 1, c * kh * kw])
+        rows = []
+        for i in range(h):
+            for j in range(wd):
+                sl, rs = f'{p}/slice_{i}_{j}', f'{p}/row_{i}_{j}'
+                nodes.append(helper.make_node('Slice', [node.input[0], const(f's{i}_{j}', [i, j]),
+                                                        const(f'e{i}_{j}', [i + kh, j + kw]), axes], [sl], name=sl))
+                nodes.append(helper.make_node('Reshape', [sl, row], [rs], name=rs))
+                rows.append(rs)
+        nodes.append(helper.make_node('Concat', rows, [f'{p}/patches'], name=f'{p}/patches', axis=1))
+        out = f'{p}/product'
+        nodes.append(helper.make_node('MatMul', [f'{p}/patches', f'{p}/weight'], [out], name=out))
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node('Add', [out, node.input[2]], [f'{p}/biased'], name=f'{p}/biased'))
+            out = f'{p}/biased'
+        nodes.append(helper.make_node('Transpose', [out], [f'{p}/t'], name=f'{p}/t', perm=[0, 2, 1]))
+        nodes.append(helper.make_node('Reshape', [f'{p}/t', const('shape', [0, d, h, wd])], [node.output[0]],
+                                      name=f'{p}/map'))
+        done.append(node.name)
+    if done:
+        used = {i for n in nodes for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return done
+
+
 def _activation_matmuls(model: onnx.ModelProto) -> set[str]:
     consts = {t.name for t in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == 'Constant' for o in n.output}
@@ -135,6 +204,7 @@ def quantize_onnx(src, dst, batches: ImageBatches | None, component: str = 'enco
         big = weights > EXTERNAL_DATA_OVER
         model = onnx.load(str(src))
         fp32_nodes(model, component)
+        rewritten = conv_as_matmul(model) if opts.method == 'dynamic' and component in CONV_AS_MATMUL else []
         if big:
             onnx.save_model(model, str(named), save_as_external_data=True, all_tensors_to_one_file=True,
                             location='named.onnx.data')
@@ -183,4 +253,7 @@ def quantize_onnx(src, dst, batches: ImageBatches | None, component: str = 'enco
     calib = opts.to_dict()
     if batches is not None and opts.method != 'dynamic':
         calib.update(n_images=batches.n_used, batch_size=batches.batch_size)
-    return {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude), 'calibration': calib}
+    out = {'external_data': data, 'quantize_nodes': n_q, 'fp32_nodes': len(exclude), 'calibration': calib}
+    if rewritten:
+        out['conv_as_matmul'] = rewritten
+    return out

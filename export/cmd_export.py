@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument('--precision', default='fp32,fp16', type=_split,
                         help='vision graph precisions, comma-separated (fp32, fp16; default: %(default)s)')
         sp.add_argument('--quant', default=quant_default, type=_split,
-                        help='GGUF types, comma-separated: f32, f16, q8_0, q4_k_m, q4_0 (default: %(default)s)')
+                        help='GGUF types, comma-separated: f32, f16, bf16, q8_0, q4_k_m, q4_k_s, iq4_xs, q4_0 (default: %(default)s)')
         sp.add_argument('--opset', type=int, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
         sp.add_argument('--class-description', action='append', metavar='NAME=DESCRIPTION',
                         help='add your own product class with its description sentence (repeatable)')

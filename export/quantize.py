@@ -11,7 +11,7 @@ from ..runtime import llama_cpp_api
 log = logging.getLogger(__name__)
 
 # our names -> llama_ftype (llama.h)
-QUANT_TYPES = {'f32': 0, 'f16': 1, 'q4_0': 2, 'q8_0': 7, 'q4_k_m': 15, 'bf16': 32}
+QUANT_TYPES = {'f32': 0, 'f16': 1, 'q4_0': 2, 'q8_0': 7, 'q4_k_s': 14, 'q4_k_m': 15, 'iq4_xs': 30, 'bf16': 32}
 
 
 class QuantizeError(ValueError):

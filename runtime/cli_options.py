@@ -6,8 +6,8 @@ from .pipeline import DEFAULT_N_CTX
 
 def add_backend_arguments(p) -> None:
     p.add_argument('--precision', default='auto',
-                   help="vision graph precision: fp32, fp16, int8, or auto = int8 when the bundle has a gated INT8 "
-                        "encoder (ONNX Runtime) / the best engines built for this GPU (TensorRT), else fp32 "
+                   help="vision graph precision: fp32, fp16, int8, or auto = int8 when the bundle has a gated INT8 graph "
+                        "(encoder, prompt learner; ONNX Runtime) / the best engines built for this GPU (TensorRT), else fp32 "
                         "(default: %(default)s)")
     p.add_argument('--backend', choices=('onnxruntime', 'tensorrt', 'auto'), default='onnxruntime',
                    help='vision backend; auto = TensorRT when engines for this GPU exist (default: %(default)s)')
@@ -16,8 +16,12 @@ def add_backend_arguments(p) -> None:
     p.add_argument('--resize', choices=('squash', 'center_crop'), help="resize mode (default: the bundle's, squash)")
     p.add_argument('--verify', action='store_true', help='check every file sha256 against the manifest first')
     p.add_argument('--n-ctx', type=int, default=DEFAULT_N_CTX,
-                   help='LLM context in positions: one question and its answer (default: %(default)s; the KV '
-                        'cache takes n_ctx x 0.5 MiB at Vicuna-7B size, so a larger one costs memory)')
+                   help='LLM context in positions: one question and its answer (default: %(default)s, the smallest '
+                        'llama.cpp opens; the KV cache takes n_ctx x 0.5 MiB at Vicuna-7B size in f16, so a larger one '
+                        'costs memory; a prompt and answer that do not fit stop with "context full")')
+    p.add_argument('--kv-type', choices=('f16', 'q8_0'), default='f16',
+                   help='LLM KV cache type: q8_0 halves it (needs flash attention, turned on; logits within ~3 %%) '
+                        '(default: %(default)s)')
 
 
 def add_question_arguments(p) -> None:
@@ -37,7 +41,7 @@ def open_pipeline(args):
     from .pipeline import Pipeline
     return Pipeline.from_bundle(args.bundle, verify_hashes=args.verify, llm=not args.no_llm, precision=args.precision,
                                 backend=args.backend, quant=args.quant, threads=args.threads, resize_mode=args.resize,
-                                n_ctx=args.n_ctx)
+                                n_ctx=args.n_ctx, kv_type=args.kv_type)
 
 
 def few_shot_memory(pipe, args, save_to: str | None = None):

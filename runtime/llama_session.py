@@ -17,6 +17,9 @@ import numpy as np
 from . import llama_cpp_api
 
 GGUF_MAGIC = b'GGUF'
+# KV cache element types (ggml_type): f16 is llama.cpp's default; q8_0 halves the cache (the V side
+# needs flash attention); f32 is what ``exact`` uses
+KV_TYPES = {'f32': 0, 'f16': 1, 'q8_0': 8, 'q4_0': 2}
 
 
 class LlamaError(RuntimeError):
@@ -27,13 +30,23 @@ class LlamaSession:
     def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
                  exact: bool = False, repack: bool = False, flash_attn: bool | None = None,
-                 verbose: bool = False):
+                 kv_type: str = 'f16', verbose: bool = False):
         """``exact``: F32 KV cache and flash attention off (parity with PyTorch to ~1e-5);
         ``repack``: llama.cpp's CPU weight repacking (faster decode, slower prefill, ~2x peak RSS);
-        ``flash_attn``: None leaves llama.cpp's choice (auto); ``n_ubatch``: physical batch (default n_batch)."""
+        ``flash_attn``: None leaves llama.cpp's choice (auto); ``n_ubatch``: physical batch (default n_batch);
+        ``kv_type``: the KV cache's element type (``KV_TYPES``; a quantized V cache turns flash attention
+        on, which it requires)."""
         self.path = Path(gguf_path)
         self._model = self._ctx = None
         self._batches = []
+        if kv_type not in KV_TYPES:
+            raise LlamaError(f"unknown KV cache type {kv_type!r}; choose one of {sorted(KV_TYPES)}")
+        if exact and kv_type not in ('f16', 'f32'):
+            raise LlamaError(f"exact=True keeps an F32 KV cache; kv_type {kv_type!r} contradicts it")
+        quantized_kv = kv_type not in ('f16', 'f32')
+        if quantized_kv and flash_attn is False:
+            raise LlamaError(f"a {kv_type} KV cache needs flash attention (llama.cpp quantizes the V cache only "
+                             "with it); use flash_attn=None/True or kv_type='f16'")
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: no such GGUF file")
         with open(self.path, 'rb') as f:
@@ -58,13 +71,20 @@ class LlamaSession:
         cparams.no_perf = True
         if flash_attn is not None:
             cparams.flash_attn_type = 1 if flash_attn else 0
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
+        if quantized_kv:
+            cparams.flash_attn_type = 1
+        self.kv_type = 'f32' if exact else kv_type
         if exact:
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
             cparams.flash_attn_type = 0          # disabled
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
-            raise LlamaError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch})")
+            hint = (f"; a {kv_type} KV cache needs a head size divisible by 32 (its block), "
+                    "kv_type='f16' always works") if quantized_kv else ''
+            raise LlamaError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
+                             f"kv_type={self.kv_type}){hint}")
         self._vocab = L.llama_model_get_vocab(self._model)
         self._mem = L.llama_get_memory(self._ctx)
         self.n_ctx = L.llama_n_ctx(self._ctx)

@@ -59,7 +59,10 @@ class Result:
 
 
 PREFILL_MODES = ('one-batch', 'segments')
-DEFAULT_N_CTX = 512  # a prompt (~100 positions) and a 128-token answer; chat asks for more
+# the AnomalyGPT prompt (~100 positions with Vicuna's tokenizer) and a 128-token answer fit in 256, the
+# smallest context llama.cpp opens; a longer one raises LlamaError 'context full ... n_ctx' naming the
+# size (the KV cache is written whole: 512 positions cost 128 MiB more at Vicuna-7B). chat asks for more
+DEFAULT_N_CTX = 256
 
 
 class _Timer:
@@ -79,11 +82,12 @@ class Pipeline:
     def __init__(self, bundle: Bundle, precision: str = 'auto', backend: str = 'onnxruntime',
                  llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
                  exact_llm: bool = False, resize_mode: str | None = None, max_new_tokens: int = 128,
-                 prefill: str = 'one-batch', repack: bool = False):
+                 prefill: str = 'one-batch', repack: bool = False, kv_type: str = 'f16'):
         """``precision``: 'auto' takes the fastest the bundle offers for the backend (see ``resolve_precision``);
         ``prefill``: 'one-batch' sends each prompt to llama.cpp as one embedding batch (token rows from
         the GGUF's own table), 'segments' as one call per token/embedding segment (benchmarks/README:
-        one batch is faster, same answers); ``repack``: llama.cpp's CPU weight repacking."""
+        one batch is faster, same answers); ``repack``: llama.cpp's CPU weight repacking; ``kv_type``: the KV
+        cache's type ('q8_0' halves it; ``LlamaSession``)."""
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
         self.one_batch_prefill = prefill == 'one-batch'
@@ -104,7 +108,7 @@ class Pipeline:
         self.session = None
         self._kv_keys: list = []  # what occupies each KV position: token id, or (kind, image key, i)
         if llm:
-            self.session = self._llm_session(quant, threads, n_ctx, exact_llm, repack)
+            self.session = self._llm_session(quant, threads, n_ctx, exact_llm, repack, kv_type)
 
     @classmethod
     def from_bundle(cls, path, verify_hashes: bool = False, **kwargs) -> "Pipeline":
@@ -113,9 +117,10 @@ class Pipeline:
     # -- construction -------------------------------------------------------------------------
     def resolve_precision(self, precision: str, backend: str) -> str:
         """'auto' -> on TensorRT, the first of int8/fp16/fp32 whose engines match this GPU; on ONNX
-        Runtime, 'int8' when the bundle has an INT8 encoder (``calibrate int8`` adds one only after it
-        passed the accuracy gate; 3.4x the FP32 encoder on the VNNI CPU of benchmarks/README.md),
-        else 'fp32'. Any other value is returned as given."""
+        Runtime, 'int8' when the bundle has an INT8 graph (``calibrate int8`` adds an encoder or prompt
+        learner one only after it passed the accuracy gate; the encoder 3.4x its FP32 speed on the VNNI
+        CPU of benchmarks/README.md, the prompt learner a quarter of its memory): each graph then runs
+        INT8 when it has it, FP32 otherwise. Else 'fp32'. Any other value is returned as given."""
         if precision != 'auto':
             return precision
         if backend in ('tensorrt', 'auto'):
@@ -123,7 +128,7 @@ class Pipeline:
             usable = next((p for p in ('int8', 'fp16', 'fp32') if tensorrt_usable(self.bundle, p)), None)
             if usable or backend == 'tensorrt':
                 return usable or 'fp16'  # none built: the TensorRT runner then says which engines to build
-        return 'int8' if 'int8' in self.bundle.manifest['components'].get('encoder', {}) else 'fp32'
+        return 'int8' if any('int8' in v for v in self.bundle.manifest['components'].values()) else 'fp32'
 
     def _runner(self, name, precision, backend, threads):
         if backend == 'auto':
@@ -150,7 +155,7 @@ class Pipeline:
         providers = ort_gpu_providers(self.bundle, name, precision, available_providers())
         return OrtRunner(path, providers=providers, intra_op_threads=threads)
 
-    def _llm_session(self, quant, threads, n_ctx, exact, repack):
+    def _llm_session(self, quant, threads, n_ctx, exact, repack, kv_type='f16'):
         llm = self.bundle.llm
         if not llm:
             raise BundleError(f"{self.bundle.root}: the bundle has no LLM (run with llm=False / --no-llm)")
@@ -159,7 +164,7 @@ class Pipeline:
             raise BundleError(f"{self.bundle.root}: no {quant!r} GGUF in the bundle (it has {sorted(llm['files'])})")
         from .llama_session import LlamaSession
         return LlamaSession(self.bundle.path(llm['files'][quant]), n_ctx=n_ctx, n_threads=threads,
-                            n_threads_batch=threads, exact=exact, repack=repack)
+                            n_threads_batch=threads, exact=exact, repack=repack, kv_type=kv_type)
 
     def close(self):
         if self.session is not None:

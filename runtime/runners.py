@@ -111,11 +111,15 @@ class OrtRunner(NamedIO):
     ``spin``: whether idle pool threads busy-wait after a call. Off by default: the chain runs several
     sessions back to back, and on a small CPU each session's spinning threads take the cores from the
     next one (ImageBind-Huge INT8 chain on 2 cores: 0.88 s with spinning, 0.62 s without;
-    benchmarks/README.md). None leaves ONNX Runtime's own default (spinning)."""
+    benchmarks/README.md). None leaves ONNX Runtime's own default (spinning).
+
+    ``arena`` / ``mem_pattern``: ONNX Runtime's CPU memory arena and memory-pattern planning (its
+    defaults, on); benchmarks/README.md ("Time to verdict") has their effect on resident memory."""
 
     def __init__(self, path, providers='auto', intra_op_threads: int | None = None,
                  inter_op_threads: int | None = None, spin: bool | None = False,
-                 optimization: str = 'all', name: str | None = None):
+                 optimization: str = 'all', name: str | None = None, arena: bool = True,
+                 mem_pattern: bool = True):
         import onnxruntime as ort
         self.path = Path(path)
         self.name = name or f'onnxruntime:{self.path.name}'
@@ -136,6 +140,8 @@ class OrtRunner(NamedIO):
         if optimization not in levels:
             raise ValueError(f"optimization must be one of {sorted(levels)}, not {optimization!r}")
         so.graph_optimization_level = levels[optimization]
+        so.enable_cpu_mem_arena = bool(arena)
+        so.enable_mem_pattern = bool(mem_pattern)
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=resolve_providers(providers))

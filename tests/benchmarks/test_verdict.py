@@ -84,3 +84,24 @@ def test_report_is_complete_and_consistent(tiny_run):
     for m in mem['by_layers'].values():
         assert m['peak'] >= m['steady'] > m['start'] > 0
     assert 'Best ours' in (out / 'v.md').read_text()
+
+
+def test_memory_only_run_measures_each_variant_in_its_own_process(tmp_path):
+    from anomalygpt_edge.benchmarks.verdict import MEMORY_VARIANTS
+    from anomalygpt_edge.cli import main
+    names = [MEMORY_VARIANTS[0].name, 'INT8 prompt learner']
+    argv = ['bench-verdict', '--config', 'tiny', '--memory-only', '--llm-layers', '1,2', '--memory-variants', ';'.join(names),
+            '--work-dir', str(tmp_path / 'w'), '--quiet', '--json', str(tmp_path / 'm.json'), '--markdown', str(tmp_path / 'm.md')]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / 'm.json').read_text())
+    assert r['memory_only'] and list(r['memory_variants']) == names and 'partial' not in r
+    for name in names:
+        m = r['memory_variants'][name]
+        assert sorted(m['by_layers'], key=int) == ['1', '2'] and m['at_target']['steady']['at'] == 2
+        assert all(b['steady'] >= b['vision'] > b['start'] > 0 and b['peak'] >= b['steady'] for b in m['by_layers'].values())
+    assert r['memory_variants']['INT8 prompt learner']['variant']['prompt_learner'] == 'int8'
+    assert r['graph_bytes']['prompt_learner_int8'] < r['graph_bytes']['prompt_learner_fp32']
+    assert names[1] in (tmp_path / 'm.md').read_text()
+    # the graphs and GGUF files stay in --work-dir for the next run
+    assert (tmp_path / 'w' / 'prompt_learner-int8-dynamic.onnx').is_file() and (tmp_path / 'w' / 'llm-2').is_dir()
+    assert main(argv[:-4] + ['--memory-variants', 'no such variant', '--json', str(tmp_path / 'x.json')]) == 2

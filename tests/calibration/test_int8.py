@@ -205,3 +205,55 @@ def test_external_data_file_holds_each_weight_once(tiny_bundle, data, tmp_path, 
     assert size < 1.1 * sum(n for _, n in spans) + 4096 * len(spans)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['encoder-int8.onnx', 'encoder-int8.onnx.data']
     OrtRunner(out, providers=['CPUExecutionProvider'])            # loads with its data
+
+
+def test_conv_as_matmul_is_exact_and_only_takes_unpadded_convs(tiny_bundle):
+    from anomalygpt_edge.calibration.int8 import conv_as_matmul
+    src = Bundle.open(tiny_bundle).path('prompt_learner.onnx')
+    m = onnx.load(str(src))
+    convs = [n for n in m.graph.node if n.op_type == 'Conv']
+    done = conv_as_matmul(m)
+    # the 5 padded 3x3 convs stay; the last one (k x k, no padding, 7x7 -> 3x3) is the one rewritten
+    assert done == [convs[-1].name]
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count('Conv') == len(convs) - 1 and ops.count('MatMul') == 1 and ops.count('Slice') == 9
+    onnx.checker.check_model(m)
+    x = np.random.default_rng(0).random((3, 1, 224, 224)).astype(np.float32)
+    import onnxruntime as ort
+    got = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider']).run(None, {'anomaly_map': x})[0]
+    want = OrtRunner(src, providers=['CPUExecutionProvider']).infer({'anomaly_map': x})['prompts']
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(want[:, 9:]).max() > 1e-3   # the derived prompts are not all zero
+
+
+def test_int8_prompt_learner_is_gated_on_its_prompts_and_picked_by_auto(tiny_bundle, data, tmp_path, capsys):
+    from anomalygpt_edge.calibration.data_reader import CalibrationError
+    from anomalygpt_edge.cli import main
+    with pytest.raises(CalibrationError, match='dynamic only'):
+        calibrate_int8(tiny_bundle, data['normals'], data['mvtec'], method='minmax', component='prompt_learner',
+                       log=lambda *_: None)
+    # a limit no INT8 graph meets: refused on the prompts alone (the maps do not move), bundle untouched
+    bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
+    before = snapshot(bdir)
+    rc = main(['calibrate', 'int8', '--bundle', str(bdir), '--heldout', str(data['mvtec']), '--method', 'dynamic',
+               '--target', 'onnxruntime', '--component', 'prompt_learner', '--max-drop', str(MAX_DROP),
+               '--max-prompt-error', '1e-9'])
+    out = capsys.readouterr().out
+    assert rc == 1 and 'the prompts move by' in out and snapshot(bdir) == before
+    report = calibrate_int8(bdir, None, data['mvtec'], method='dynamic', target='onnxruntime', max_drop=MAX_DROP,
+                            component='prompt_learner', log=lambda *_: None)
+    assert report.passed, report.summary()
+    assert report.map_max_abs == 0.0 and 0 < report.prompts['rel_l2'] <= 0.02 and report.prompts['n_images'] > 0
+    b = Bundle.open(bdir, verify_hashes=True)
+    entry = b.component('prompt_learner', 'int8')
+    assert entry['file'] == 'prompt_learner-int8.onnx' and entry['quantization']['conv_as_matmul']
+    m = onnx.load(str(b.path(entry['file'])))
+    last = [n for n in onnx.load(str(b.path('prompt_learner.onnx'))).graph.node if n.op_type == 'Conv'][-1]
+    w = {t.name: t for t in onnx.load(str(b.path('prompt_learner.onnx'))).graph.initializer}[last.input[1]]
+    assert any(t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) == np.prod(w.dims) for t in m.graph.initializer)
+    assert b.path(entry['file']).stat().st_size < 0.6 * b.path('prompt_learner.onnx').stat().st_size  # 0.27 at the real size
+    assert 'encoder' in b.manifest['components'] and 'int8' not in b.manifest['components']['encoder']
+    with Pipeline(b, llm=False) as auto:   # auto takes the gated INT8 graph; the encoder without one stays FP32
+        assert auto.precision == 'int8'
+        assert auto.runners['prompt_learner'].path.name == 'prompt_learner-int8.onnx'
+        assert auto.runners['encoder'].path.name == 'encoder.onnx'

@@ -244,3 +244,46 @@ def test_an_unreadable_token_table_falls_back_to_segments(tiny_gguf_quantized, p
         assert s.history[:len(ids)] == ids and s.n_past == len(ids) + len(embeds) + 5
         with pytest.raises(LlamaError, match='cannot read token_embd.weight'):
             s.token_embeddings([7])
+
+
+@pytest.fixture(scope='module')
+def gguf_head32(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny LLaMA with 2 heads of 32: a q8_0 KV cache needs head sizes divisible by its block (32)."""
+    from anomalygpt_edge.export.llm_export import export_llm
+    from anomalygpt_edge.models.anomalygpt import AnomalyGPT
+    from anomalygpt_edge.models.config import get_config
+    from anomalygpt_edge.models.tokenizer import vocab_size
+    cfg = get_config('tiny', vocab=vocab_size(tiny_tokenizer_dir), heads=2)
+    out = tmp_path_factory.mktemp('gguf_h32')
+    export_llm(AnomalyGPT.random(cfg, seed=0).llama_model, tiny_tokenizer_dir, out, quants=('f32',))
+    return out / 'llm-f32.gguf'
+
+
+def test_q8_0_kv_cache_is_smaller_and_keeps_the_logits(gguf_head32, prompt):
+    ids, embeds = prompt
+    got = {}
+    for kv in ('f32', 'f16', 'q8_0'):
+        with LlamaSession(gguf_head32, n_ctx=256, kv_type=kv, flash_attn=kv != 'f32') as s:
+            assert s.kv_type == kv
+            logits = run(s, ids, embeds)
+            state = s._L.llama_state_get_size(s._ctx)  # the KV cache of the positions used, serialised
+            got[kv] = (logits, state, s.generate(12, stop=())[0])
+    ref, ref_state, ref_ids = got['f32']
+    scale = float(np.abs(ref).max())
+    assert scale > 0.1
+    for kv in ('f16', 'q8_0'):
+        logits, state, gen = got[kv]
+        assert np.abs(logits - ref).max() <= 5e-3 * scale and gen == ref_ids  # F16 + flash attention: ~2e-3
+    assert got['q8_0'][1] < 0.7 * got['f16'][1] < 0.7 * ref_state  # 34 bytes per 32 values vs 64 vs 128
+    assert not np.array_equal(got['q8_0'][0], got['f16'][0])      # the type really changed
+
+
+def test_bad_kv_cache_settings_are_refused(tiny_gguf_f32):
+    with pytest.raises(LlamaError, match='unknown KV cache type'):
+        LlamaSession(tiny_gguf_f32, n_ctx=256, kv_type='q5_9')
+    with pytest.raises(LlamaError, match='needs flash attention'):
+        LlamaSession(tiny_gguf_f32, n_ctx=256, kv_type='q8_0', flash_attn=False)
+    with pytest.raises(LlamaError, match='contradicts'):
+        LlamaSession(tiny_gguf_f32, n_ctx=256, kv_type='q8_0', exact=True)
+    with pytest.raises(LlamaError, match='head size divisible by 32'):  # the tiny model's heads are 16 wide
+        LlamaSession(tiny_gguf_f32, n_ctx=256, kv_type='q8_0')
