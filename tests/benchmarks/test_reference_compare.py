@@ -168,3 +168,17 @@ def test_model_card_reads_the_reference_section():
     card = model_card(results, manifest)
     assert ('On all 9 held-out images (zero-shot): identical greedy answers on 7, identical Yes/No verdicts on 8, '
             'anomaly map max abs error 3.00e-05 (mean 1.00e-06).') in card
+
+
+def test_model_card_carries_the_ablation_table_and_the_history():
+    from anomalygpt_edge.benchmarks.demo_report import model_card
+    root = Path(__file__).resolve().parents[2] / 'runtime' / 'demo'
+    results = json.loads((root / 'results.json').read_text())
+    manifest = json.loads((root / 'bundle' / 'manifest.json').read_text())
+    results.pop('ablation', None), results.pop('history', None)
+    assert '## Recipe ablations' not in model_card(results, manifest)
+    results['ablation'] = {'table': '| recipe | x |\n|---|---|\n| a | 0.5 |', 'runs': {}}
+    results['history'] = 'resumed once.'
+    card = model_card(results, manifest)
+    assert '## Recipe ablations' in card and '| a | 0.5 |' in card
+    assert '- history of this particular model: resumed once.' in card

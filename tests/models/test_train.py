@@ -97,3 +97,26 @@ def test_exported_bundle_carries_per_class_thresholds_from_fresh_normals(tmp_pat
         r = pipe.inspect(sorted((tmp_path / 'normals' / first / 'train' / 'good').glob('*.png'))[0],
                          class_name=first, llm=False)
         assert r.verdict_source == 'threshold' and r.verdict == 'no'   # a calibration image is at most the max
+
+
+def test_map_agreement_keeps_normals_and_the_anomalies_the_map_shows():
+    from anomalygpt_edge.models.train import map_shows_label
+    masks = torch.zeros(4, 1, 16, 16)
+    masks[1:, :, 2:5, 2:5] = 1                          # samples 1-3 are anomalous at the top left
+    amap = torch.full((4, 1, 16, 16), 0.1)
+    amap[0, :, 8, 8] = 0.9                              # a normal sample's false spot: kept (its answer is No)
+    amap[1, :, 3, 3] = 0.8                              # peak on the label: kept
+    amap[2, :, 12, 12] = 0.8                            # peak elsewhere: dropped
+    amap[3] = 0.0                                       # the map shows nothing: dropped
+    assert map_shows_label(amap, masks).tolist() == [1.0, 1.0, 0.0, 0.0]
+    # few-shot maps have another scale; the peak's place decides
+    assert map_shows_label(amap * 0.2 + 0.3, masks).tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_boolean_settings_are_flags():
+    from anomalygpt_edge.models.train import build_parser
+    ap = build_parser()
+    assert ap.parse_args(['--work', 'w']).map_agreement is False
+    assert ap.parse_args(['--work', 'w', '--map-agreement']).map_agreement is True
+    args = ap.parse_args(['--work', 'w', '--no-cumulative-centres', '--lm-steps', '3'])
+    assert args.cumulative_centres is False and args.lm_steps == 3

@@ -1,0 +1,24 @@
+"""The recipe comparison measures each training directory on the held-out set (tiny config)."""
+import json
+
+from anomalygpt_edge.benchmarks import demo_ablation
+from anomalygpt_edge.models.synthetic import CATEGORIES
+from anomalygpt_edge.models.train import main as train
+
+
+def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, capsys):
+    work = tmp_path / 'work'
+    assert train(['--work', str(work), '--config', 'tiny', '--vision-steps', '1', '--lm-steps', '1', '--samples', '4',
+                  '--batch', '2', '--threads', '1', '--threshold-images', '0']) == 0
+    out = tmp_path / 'ablation.json'
+    assert demo_ablation.main(['--json', str(out), '--config', 'tiny', '--per-kind', '1', '--good', '1',
+                               f'a={work}', f'b={work}']) == 0
+    report = json.loads(out.read_text())
+    a, b = report['runs']['a'], report['runs']['b']
+    assert set(a['classes']) == set(CATEGORIES)
+    assert a['mean'] == b['mean']                       # one checkpoint, one held-out set: the same figures
+    for k in demo_ablation.KEYS:
+        assert 0.0 <= a['mean'][k] <= 1.0
+    assert report['table'].count('\n') == 3             # header, rule, two runs
+    assert demo_ablation.main(['--json', str(out), f'c={tmp_path}']) == 2
+    assert 'final.pt' in capsys.readouterr().err
