@@ -68,6 +68,8 @@ LLM_VARIANTS = (
     LlmVariant('q8_0, one batch, repack on', 'q8_0', repack=True),
     LlmVariant('bf16, one batch', 'bf16'),
     LlmVariant('q4_k_m, one batch, cached prefix', 'q4_k_m', cached_prefix=True),
+    LlmVariant('q4_k_s, one batch', 'q4_k_s'),
+    LlmVariant('iq4_xs, one batch', 'iq4_xs'),
     LlmVariant('q4_0, one batch, repack on, cached prefix', 'q4_0', repack=True, cached_prefix=True),
 )
 

@@ -27,6 +27,9 @@ def _classes(items) -> dict[str, str]:
     return out
 
 
+RELEASED_QUANTS = 'iq4_xs,q4_k_m,q8_0,f16'
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest='what', required=True, metavar='WHAT')
 
@@ -35,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument('--precision', default='fp32,fp16', type=_split,
                         help='vision graph precisions, comma-separated (fp32, fp16; default: %(default)s)')
         sp.add_argument('--quant', default=quant_default, type=_split,
-                        help='GGUF types, comma-separated: f32, f16, bf16, q8_0, q4_k_m, q4_k_s, iq4_xs, q4_0 (default: %(default)s)')
+                        help='GGUF types, comma-separated: f32, f16, bf16, q8_0, q4_k_m, q4_k_s, iq4_xs, q4_0; the first '
+                             'is the one the runtime opens unless told otherwise (inspect --quant) (default: %(default)s)')
         sp.add_argument('--opset', type=int, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
         sp.add_argument('--class-description', action='append', metavar='NAME=DESCRIPTION',
                         help='add your own product class with its description sentence (repeatable)')
@@ -47,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument('--pandagpt', required=True, help='PandaGPT delta pytorch_model.pt (llama_proj + LoRA)')
     r.add_argument('--vicuna', required=True, help='Vicuna v0 HF directory (vocab 32001)')
     r.add_argument('--config', default='huge', help=argparse.SUPPRESS)
-    common(r, 'f16,q8_0,q4_k_m')
+    # the first type is the file the runtime opens by default: IQ4_XS is the one 4-bit type with which the
+    # whole model stays under 5 GB resident, and the fastest to the verdict on a CPU (benchmarks/README.md)
+    common(r, RELEASED_QUANTS)
 
     t = sub.add_parser('tiny', help='bundle from a seeded random tiny model')
     t.add_argument('--seed', type=int, default=0)
@@ -57,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lm.add_argument('--vicuna', required=True, help='Vicuna v0 HF directory')
     lm.add_argument('--pandagpt', required=True, help='PandaGPT delta (LoRA) file')
     lm.add_argument('--out', required=True, help='existing bundle directory to update')
-    lm.add_argument('--quant', default='f16,q8_0,q4_k_m', type=_split, help='GGUF types (default: %(default)s)')
+    lm.add_argument('--quant', default=RELEASED_QUANTS, type=_split,
+                    help='GGUF types, the first is the default file (default: %(default)s)')
 
 
 def run(args) -> int:
