@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument('--history', help='a markdown file: how this particular model was trained (resumes, machine '
                                       'load), for the card')
     args = ap.parse_args(argv)
+    for flag, path in (('--ablation', args.ablation), ('--history', args.history)):
+        if path and not Path(path).is_file():
+            print(f"demo_report: {flag} {path}: no such file", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,11 +59,12 @@ class TrainSettings:
     # Off: at 0.5 the demo tower found held-out holes better (pixel AUROC 0.87 -> 0.99) but lost image
     # AUROC (0.86 -> 0.79, washer and wood grain) in the same 2000 steps (MODEL_CARD.md, recipe ablations)
     foreign_fraction: float = 0.0
-    # stage 2 learns an anomalous sample's answer only when its map peaks on the labelled region: an
-    # answer that names a place the map does not show teaches the LLM to ignore the map and guess
+    # stage 2 learns an anomalous sample's answer only when its map peaks on the labelled region (an
+    # answer naming a place the map does not show teaches the LLM to guess). Off: on the demo it lowered
+    # Yes/No and location at 900 steps (MODEL_CARD.md, recipe ablations)
     map_agreement: bool = False
     # the reference names a second patch by the centre of the box around both patches (a place the map
-    # may not show); False names each patch by its own centre
+    # may not show); False names each patch by its own centre (no gain measured with map_agreement)
     cumulative_centres: bool = True
 
 

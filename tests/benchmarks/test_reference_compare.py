@@ -182,3 +182,10 @@ def test_model_card_carries_the_ablation_table_and_the_history():
     card = model_card(results, manifest)
     assert '## Recipe ablations' in card and '| a | 0.5 |' in card
     assert '- history of this particular model: resumed once.' in card
+
+
+def test_demo_report_names_a_missing_ablation_file(tmp_path, capsys):
+    from anomalygpt_edge.benchmarks.demo_report import main
+    missing = tmp_path / 'nope.json'
+    assert main(['--bundle', str(tmp_path), '--out', str(tmp_path / 'out'), '--ablation', str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err and not (tmp_path / 'out').exists()
