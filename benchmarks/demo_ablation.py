@@ -17,16 +17,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from .demo_report import DEFECTS, HELD_OUT_SEED
-from .metrics import answer_positions, image_auroc, mean_or_none, pixel_auroc, reference_correct
 
 KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy')
 
 
-def measure(work: Path, root: Path, config: str = 'small', progress=None) -> dict:
+class ReferenceAsPipeline:
+    """The PyTorch reference behind the runtime pipeline's interface, so ``evaluate`` measures it with the
+    same rules; each synthetic class is asked its own training question."""
+
+    def __init__(self, reference, questions: dict[str, str], words):
+        self.reference, self.questions = reference, questions
+        self.prompt = {'location_words': words}
+
+    def inspect(self, path, class_name: str, memory=None, llm: bool = True):
+        if memory is not None or not llm:
+            raise ValueError("the ablation measures the zero-shot pipeline with its LLM only")
+        return self.reference.inspect(path, class_name, question=self.questions[class_name])
+
+
+def measure(work: Path, root: Path, config: str = 'small', progress: bool = True) -> dict:
     """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``."""
     from ..models.reference import ReferencePipeline
     from ..models.spec import POSITION_WORDS
@@ -34,29 +44,14 @@ def measure(work: Path, root: Path, config: str = 'small', progress=None) -> dic
     from ..models.text_features import text_feature_table
     from ..models.tokenizer import load_tokenizer
     from ..models.train import build_small, load_trained
-    from ..runtime.answers import position_word
-    from .evaluate import discover, load_mask
+    from .evaluate import evaluate
     model, text = build_small(work / 'tokenizer', 0, config)
     state = load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
-    classes = {}
-    for name, samples in discover(root).items():
-        scores, labels, maps, masks, correct, loc_ok = [], [], [], [], [], []
-        for s in samples:
-            r = ref.inspect(s.path, name.replace('_', ' '), question=CATEGORIES[name].question)
-            gt = load_mask(s.mask)
-            scores.append(r.score), labels.append(int(s.anomalous)), maps.append(r.anomaly_map), masks.append(gt)
-            correct.append(reference_correct(r.answer, s.anomalous))
-            if s.anomalous and cv2.connectedComponents(gt)[0] == 2:   # one defect region, as evaluate.py
-                ys, xs = np.nonzero(gt)
-                want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], POSITION_WORDS)
-                loc_ok.append(answer_positions(r.answer, POSITION_WORDS) == [want])
-            if progress is not None:
-                progress.update(1)
-        classes[name] = {'image_auroc': image_auroc(scores, labels), 'pixel_auroc': pixel_auroc(maps, masks),
-                         'yes_no_accuracy': float(np.mean(correct)), 'location_accuracy': float(np.mean(loc_ok))}
-    mean = {k: mean_or_none([c[k] for c in classes.values()]) for k in KEYS}
-    return {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
+    questions = {name.replace('_', ' '): c.question for name, c in CATEGORIES.items()}
+    rep = evaluate(ReferenceAsPipeline(ref, questions, POSITION_WORDS), root, progress=progress)
+    classes = {name: {k: c[k] for k in KEYS} for name, c in rep['classes'].items()}
+    return {'work': str(work), 'minutes': state.get('minutes'), 'mean': rep['mean'], 'classes': classes}
 
 
 def markdown(results: dict) -> str:
@@ -82,8 +77,6 @@ def main(argv=None) -> int:
             print(f"demo_ablation: {item!r}: expected NAME=WORK with WORK/final.pt", file=sys.stderr)
             return 2
         runs[name] = Path(work)
-    from tqdm import tqdm
-
     from ..models.synthetic import CATEGORIES
     from ..models.synthetic_dataset import write_mvtec_layout
     results = {}
@@ -91,10 +84,8 @@ def main(argv=None) -> int:
         root = Path(tmp) / 'heldout'
         write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
                            n_test_defect=args.per_kind, seed=HELD_OUT_SEED, defect_kinds=DEFECTS)
-        per_run = len(CATEGORIES) * (args.good + len(DEFECTS) * args.per_kind)
-        with tqdm(total=per_run * len(runs), desc='ablation', unit='img', file=sys.stderr) as bar:
-            for name, work in runs.items():
-                results[name] = measure(work, root, args.config, bar)
+        for name, work in runs.items():
+            results[name] = measure(work, root, args.config)
     report = {'held_out': {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
                            'defects_per_kind_and_class': args.per_kind}, 'runs': results, 'table': markdown(results)}
     tmp_path = Path(args.json).with_name(Path(args.json).name + '.partial')

@@ -464,7 +464,7 @@ def run_memory(opts: VerdictOptions) -> dict:
         ggufs = memory_ggufs(cfg, work, opts.llm_layers, sorted({v.quant for v in variants}), opts.seed)
         feats = bench_vision.random_text_features(cfg.vision.embed_dim, opts.seed)
         report = {'schema': SCHEMA, 'command': opts.command, 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-                  'machine': machine_info(), 'config': cfg.name, 'memory_only': True,
+                  'machine': machine_info(), 'config': cfg.name, 'llm_width': cfg.llm.hidden, 'memory_only': True,
                   'options': {'llm_layers': list(opts.llm_layers), 'threads': opts.threads,
                               'prompt_positions': opts.prompt_positions, 'seed': opts.seed},
                   'graph_bytes': {c: os.path.getsize(p) + sum(os.path.getsize(d) for d in p.parent.glob(p.name + '.data'))
@@ -503,7 +503,7 @@ def layer_estimate(report: dict, name: str) -> dict:
     by = {int(k): b for k, b in r['by_layers'].items()}
     gb = {int(k): b['tensors'] for k, b in report['gguf_bytes'][v['quant']].items() if str(k).isdigit()}
     lo, hi = min(gb), max(gb)
-    width = report.get('llm_width', 4096)
+    width = report['llm_width'] if 'llm_width' in report else 4096  # reports before the key: Vicuna-7B
     per_layer = ((gb[hi] - gb[lo]) / (hi - lo) + v['n_ctx'] * 2 * width * KV_BYTES_PER_VALUE[v['kv_type']]) / 2**20
     target = r['at_target']['steady']['at']
     return {'value': by[hi]['steady'] + (target - hi) * per_layer, 'per_layer_mib': per_layer, 'from_layers': hi}
