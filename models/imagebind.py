@@ -142,7 +142,7 @@ class TextPreprocessor(nn.Module):
         self.register_buffer('mask', torch.full((cfg.context, cfg.context), float('-inf')).triu_(1))
 
     def forward(self, tokens):
-        return self.token_embedding(tokens) + self.pos_embed
+        return self.token_embedding(tokens) + self.pos_embed[:, :tokens.shape[1]]
 
 
 class TextHead(nn.Module):
@@ -167,7 +167,9 @@ class LogitScale(nn.Module):
 
 
 class TextTower(nn.Module):
-    """CLIP-BPE token ids [N,77] -> unit-norm text embedding x logit scale, [N,E]."""
+    """CLIP-BPE token ids [N,L] (L <= 77) -> unit-norm text embedding x logit scale, [N,E]. The attention is
+    causal and the head reads the end-of-text token, so ids cut after the last end-of-text give the
+    embeddings of the full 77 (training cuts them: the text tower runs every step)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -179,7 +181,8 @@ class TextTower(nn.Module):
 
     def forward(self, tokens):
         pre = self.modality_preprocessors['text']
-        x, _ = self.modality_trunks['text'](pre(tokens), attn_mask=pre.mask)
+        n = tokens.shape[1]
+        x, _ = self.modality_trunks['text'](pre(tokens), attn_mask=pre.mask[:n, :n])
         emb = F.normalize(self.modality_heads['text'](x, tokens), dim=-1)
         return self.modality_postprocessors['text'](emb)
 

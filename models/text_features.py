@@ -42,9 +42,12 @@ def class_sentences(class_name: str) -> tuple[list[str], list[str]]:
 
 @functools.lru_cache(maxsize=256)
 def class_token_ids(class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP BPE ids [14,77] and [10,77] of the normal and abnormal sentences of one class."""
+    """CLIP BPE ids [14,L] and [10,L] of the normal and abnormal sentences of one class, cut after the
+    longest sentence's end-of-text (L <= 77; the text tower gives the same embeddings as on all 77)."""
     tok = clip_tokenizer()
-    return tuple(tok(sentences) for sentences in class_sentences(class_name))
+    ids = [tok(sentences) for sentences in class_sentences(class_name)]
+    n = 1 + max(int(t.argmax(dim=-1).max()) for t in ids)
+    return tuple(t[:, :n] for t in ids)
 
 
 def class_text_features(text_tower, class_name: str) -> torch.Tensor:

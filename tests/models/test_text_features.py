@@ -30,3 +30,15 @@ def test_features_are_unit_norm_and_differ_between_classes(tiny_text_tower):
         torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))
     assert (table['bottle'] - table['metal nut']).abs().max() > 1e-3
     assert (table['bottle'][0] - table['bottle'][1]).abs().max() > 1e-3
+
+
+def test_cut_ids_give_the_embeddings_of_all_77(tiny_text_tower):
+    from anomalygpt_edge.models.text_features import class_token_ids
+    normal, abnormal = class_token_ids('metal_nut')
+    assert normal.shape[0] == 14 and abnormal.shape[0] == 10 and normal.shape[1] == abnormal.shape[1] < 77
+    tok = clip_tokenizer()
+    for cut, sentences in zip((normal, abnormal), class_sentences('metal_nut')):
+        full = tok(sentences)
+        assert (full[:, cut.shape[1]:] == 0).all() and (full[:, :cut.shape[1]] == cut).all()
+        with torch.no_grad():
+            torch.testing.assert_close(tiny_text_tower(cut), tiny_text_tower(full), atol=1e-6, rtol=1e-5)
