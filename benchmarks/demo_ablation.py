@@ -1,8 +1,10 @@
 """Compare demo-model training recipes on the demo's held-out set, with the PyTorch reference.
 
   python -m anomalygpt_edge.benchmarks.demo_ablation --json OUT.json NAME=WORK [NAME=WORK ...]
+  python -m anomalygpt_edge.benchmarks.demo_ablation --maps-only --json OUT.json NAME=WORK ...
 
-Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and ``tokenizer``). Every
+Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and ``tokenizer``; with
+``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained). Every
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
 single-region defect images. The PyTorch reference answers as the runtime does (``demo_report`` checks that on
@@ -11,11 +13,14 @@ the shipped bundle), so recipes can be compared without exporting each one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from .demo_report import DEFECTS, HELD_OUT_SEED
 
@@ -31,13 +36,27 @@ class ReferenceAsPipeline:
         self.prompt = {'location_words': words}
 
     def inspect(self, path, class_name: str, memory=None, llm: bool = True):
-        if memory is not None or not llm:
-            raise ValueError("the ablation measures the zero-shot pipeline with its LLM only")
+        if memory is not None:
+            raise ValueError("the ablation measures the zero-shot pipeline only")
+        if not llm:
+            _, amap, _ = self.reference.vision(path, class_name)
+            m = amap[0, 0].float().numpy()
+            return MapResult(anomaly_map=m, score=float(m.max()))
         return self.reference.inspect(path, class_name, question=self.questions[class_name])
 
 
-def measure(work: Path, root: Path, config: str = 'small', progress: bool = True) -> dict:
-    """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``."""
+@dataclasses.dataclass
+class MapResult:
+    """The zero-shot map of one image and its score (the maximum), as the reference computes them."""
+    anomaly_map: np.ndarray
+    score: float
+    verdict: None = None
+    answer: None = None
+
+
+def measure(work: Path, root: Path, config: str = 'small', progress: bool = True, maps_only: bool = False) -> dict:
+    """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``; ``maps_only``:
+    of its stage-1 checkpoint, image and pixel AUROC only."""
     from ..models.reference import ReferencePipeline
     from ..models.spec import POSITION_WORDS
     from ..models.synthetic import CATEGORIES
@@ -46,18 +65,34 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     from ..models.train import build_small, load_trained
     from .evaluate import evaluate
     model, text = build_small(work / 'tokenizer', 0, config)
-    state = load_trained(work, model, text)
+    state = load_vision(work, model, text) if maps_only else load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
     questions = {name.replace('_', ' '): c.question for name, c in CATEGORIES.items()}
-    rep = evaluate(ReferenceAsPipeline(ref, questions, POSITION_WORDS), root, progress=progress)
+    rep = evaluate(ReferenceAsPipeline(ref, questions, POSITION_WORDS), root, progress=progress, llm=not maps_only)
     classes = {name: {k: c[k] for k in KEYS} for name, c in rep['classes'].items()}
-    return {'work': str(work), 'minutes': state.get('minutes'), 'mean': rep['mean'], 'classes': classes}
+    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': rep['mean'], 'classes': classes}
+    if maps_only:
+        out.update(vision_step=int(state['step']), minutes={'vision': float(state.get('seconds', 0.0)) / 60})
+    return out
+
+
+def load_vision(work: Path, model, text) -> dict:
+    """Load the stage-1 checkpoint ``<work>/vision.pt`` (vision tower, decoder, text tower)."""
+    from ..models.train import load_checkpoint
+    state = load_checkpoint(work / 'vision.pt')
+    if state is None:
+        raise FileNotFoundError(f"{work / 'vision.pt'}: no stage-1 checkpoint")
+    model.load_state_dict(state['model'], strict=False)
+    text.load_state_dict(state['text'])
+    model.eval(), text.eval()
+    return state
 
 
 def markdown(results: dict) -> str:
     rows = ['| recipe | image AUROC | pixel AUROC | Yes/No | location |', '|---|---|---|---|---|']
     for name, r in results.items():
-        rows.append(f"| {name} | " + ' | '.join(f"{r['mean'][k]:.3f}" for k in KEYS) + ' |')
+        rows.append(f"| {name} | " + ' | '.join('' if r['mean'][k] is None else f"{r['mean'][k]:.3f}" for k in KEYS)
+                    + ' |')
     return '\n'.join(rows)
 
 
@@ -69,12 +104,15 @@ def main(argv=None) -> int:
     ap.add_argument('--config', default='small', help='the model config the runs were trained with')
     ap.add_argument('--per-kind', type=int, default=6, help='held-out images per defect kind and class')
     ap.add_argument('--good', type=int, default=12, help='held-out normal images per class')
+    ap.add_argument('--maps-only', action='store_true',
+                    help="measure each WORK's stage-1 checkpoint (vision.pt): image and pixel AUROC, no LLM")
     args = ap.parse_args(argv)
     runs = {}
+    need = 'vision.pt' if args.maps_only else 'final.pt'
     for item in args.runs:
         name, sep, work = item.partition('=')
-        if not sep or not name or not (Path(work) / 'final.pt').is_file():
-            print(f"demo_ablation: {item!r}: expected NAME=WORK with WORK/final.pt", file=sys.stderr)
+        if not sep or not name or not (Path(work) / need).is_file():
+            print(f"demo_ablation: {item!r}: expected NAME=WORK with WORK/{need}", file=sys.stderr)
             return 2
         runs[name] = Path(work)
     from ..models.synthetic import CATEGORIES
@@ -85,8 +123,8 @@ def main(argv=None) -> int:
         write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
                            n_test_defect=args.per_kind, seed=HELD_OUT_SEED, defect_kinds=DEFECTS)
         for name, work in runs.items():
-            results[name] = measure(work, root, args.config)
-    report = {'held_out': {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
+            results[name] = measure(work, root, args.config, maps_only=args.maps_only)
+    report = {'maps_only': args.maps_only, 'held_out': {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
                            'defects_per_kind_and_class': args.per_kind}, 'runs': results, 'table': markdown(results)}
     tmp_path = Path(args.json).with_name(Path(args.json).name + '.partial')
     tmp_path.write_text(json.dumps(report, indent=1))

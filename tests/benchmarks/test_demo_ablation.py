@@ -22,3 +22,22 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     assert report['table'].count('\n') == 3             # header, rule, two runs
     assert demo_ablation.main(['--json', str(out), f'c={tmp_path}']) == 2
     assert 'final.pt' in capsys.readouterr().err
+
+
+def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_maps(tmp_path, capsys):
+    work = tmp_path / 'work'
+    assert train(['--work', str(work), '--config', 'tiny', '--vision-steps', '2', '--lm-steps', '1', '--samples', '4',
+                  '--batch', '2', '--threads', '1', '--threshold-images', '0']) == 0
+    full, maps = tmp_path / 'full.json', tmp_path / 'maps.json'
+    common = ['--config', 'tiny', '--per-kind', '1', '--good', '1', f'a={work}']
+    assert demo_ablation.main(['--json', str(full), *common]) == 0
+    assert demo_ablation.main(['--json', str(maps), '--maps-only', *common]) == 0
+    f, m = json.loads(full.read_text())['runs']['a'], json.loads(maps.read_text())['runs']['a']
+    assert m['vision_step'] == 2
+    # stage 2 leaves the vision tower as stage 1 wrote it: vision.pt's maps are final.pt's maps
+    for k in ('image_auroc', 'pixel_auroc'):
+        assert m['mean'][k] == f['mean'][k]
+    assert m['mean']['yes_no_accuracy'] is None and m['mean']['location_accuracy'] is None
+    (work / 'vision.pt').unlink()
+    assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2
+    assert 'vision.pt' in capsys.readouterr().err
