@@ -89,9 +89,13 @@ def load_vision(work: Path, model, text) -> dict:
 
 
 def markdown(results: dict) -> str:
-    rows = ['| recipe | image AUROC | pixel AUROC | Yes/No | location |', '|---|---|---|---|---|']
+    """The runs as a table; a figure no run has (Yes/No and location of a --maps-only report) gets no column."""
+    heads = {'image_auroc': 'image AUROC', 'pixel_auroc': 'pixel AUROC', 'yes_no_accuracy': 'Yes/No',
+             'location_accuracy': 'location'}
+    keys = [k for k in KEYS if any(r['mean'][k] is not None for r in results.values())]
+    rows = ['| recipe | ' + ' | '.join(heads[k] for k in keys) + ' |', '|---' * (len(keys) + 1) + '|']
     for name, r in results.items():
-        rows.append(f"| {name} | " + ' | '.join('' if r['mean'][k] is None else f"{r['mean'][k]:.3f}" for k in KEYS)
+        rows.append(f"| {name} | " + ' | '.join('' if r['mean'][k] is None else f"{r['mean'][k]:.3f}" for k in keys)
                     + ' |')
     return '\n'.join(rows)
 
@@ -106,7 +110,39 @@ def main(argv=None) -> int:
     ap.add_argument('--good', type=int, default=12, help='held-out normal images per class')
     ap.add_argument('--maps-only', action='store_true',
                     help="measure each WORK's stage-1 checkpoint (vision.pt): image and pixel AUROC, no LLM")
+    ap.add_argument('--keep', metavar='OLD.json',
+                    help='an earlier report of this script on the same held-out set: its runs stay in the table (ahead '
+                         'of the new ones; a new run of the same name replaces one), for recipes whose checkpoints are gone')
+    ap.add_argument('--drop', action='append', default=[], metavar='NAME', help='a kept run to leave out (repeatable)')
+    ap.add_argument('--rename', action='append', default=[], nargs=2, metavar=('OLD', 'NEW'),
+                    help='give a kept run a new label, e.g. once it is no longer the shipped one (repeatable)')
     args = ap.parse_args(argv)
+    kept = {}
+    if (args.drop or args.rename) and not args.keep:
+        print("demo_ablation: --drop and --rename act on the runs of --keep's report; no --keep given", file=sys.stderr)
+        return 2
+    if args.keep:
+        try:
+            old = json.loads(Path(args.keep).read_text())
+            kept = old['runs']
+        except (OSError, ValueError, KeyError) as e:
+            print(f"demo_ablation: --keep {args.keep}: not a report of this script ({e})", file=sys.stderr)
+            return 2
+        want = {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
+                'defects_per_kind_and_class': args.per_kind}
+        if old.get('held_out') != want:
+            print(f"demo_ablation: --keep {args.keep}: measured on another held-out set ({old.get('held_out')}, "
+                  f"this run: {want})", file=sys.stderr)
+            return 2
+        if bool(old.get('maps_only')) != args.maps_only:
+            print(f"demo_ablation: --keep {args.keep}: its maps_only is {bool(old.get('maps_only'))}, this run's "
+                  f"{args.maps_only}", file=sys.stderr)
+            return 2
+        if unknown := [n for n in [*args.drop, *(o for o, _ in args.rename)] if n not in kept]:
+            print(f"demo_ablation: {unknown[0]!r}: no such run in {args.keep}", file=sys.stderr)
+            return 2
+        names = dict(args.rename)
+        kept = {names.get(n, n): r for n, r in kept.items() if n not in args.drop}
     runs = {}
     need = 'vision.pt' if args.maps_only else 'final.pt'
     for item in args.runs:
@@ -117,7 +153,7 @@ def main(argv=None) -> int:
         runs[name] = Path(work)
     from ..models.synthetic import CATEGORIES
     from ..models.synthetic_dataset import write_mvtec_layout
-    results = {}
+    results = {n: r for n, r in kept.items() if n not in runs}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / 'heldout'
         write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,

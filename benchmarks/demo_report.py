@@ -38,11 +38,13 @@ def main(argv=None) -> int:
     ap.add_argument('--per-kind', type=int, default=6, help='held-out images per defect kind and class')
     ap.add_argument('--good', type=int, default=12, help='held-out normal images per class')
     ap.add_argument('--samples', help='also copy a few held-out images here as demo samples')
-    ap.add_argument('--ablation', help='a demo_ablation.py JSON of training recipes, for the card\'s "Recipe ablations"')
+    ap.add_argument('--ablation', action='append', default=[],
+                    help='a demo_ablation.py JSON of training recipes, for the card\'s "Recipe ablations" (repeatable: '
+                         'one table each, e.g. a --maps-only comparison of vision stages and one of whole recipes)')
     ap.add_argument('--history', help='a markdown file: how this particular model was trained (resumes, machine '
                                       'load), for the card')
     args = ap.parse_args(argv)
-    for flag, path in (('--ablation', args.ablation), ('--history', args.history)):
+    for flag, path in [*(('--ablation', a) for a in args.ablation), ('--history', args.history)]:
         if path and not Path(path).is_file():
             print(f"demo_report: {flag} {path}: no such file", file=sys.stderr)
             return 2
@@ -70,8 +72,11 @@ def main(argv=None) -> int:
             if args.samples:
                 results['samples'] = write_samples(pipe, root, Path(args.samples), list(CATEGORIES))
     if args.ablation:
-        ablation = json.loads(Path(args.ablation).read_text())
-        results['ablation'] = {'table': ablation['table'], 'runs': {k: v['mean'] for k, v in ablation['runs'].items()}}
+        results['ablation'] = []
+        for path in args.ablation:
+            ablation = json.loads(Path(path).read_text())
+            results['ablation'].append({'maps_only': bool(ablation.get('maps_only')), 'table': ablation['table'],
+                                        'runs': {k: v['mean'] for k, v in ablation['runs'].items()}})
     if args.history:
         results['history'] = Path(args.history).read_text().strip()
     _atomic_write(out / 'results.json', json.dumps(results, indent=1))
@@ -172,7 +177,12 @@ def model_card(results: dict, manifest: dict) -> str:
         'Procedural normal images of five classes (woven fabric, brushed metal, wood grain, ceramic tiles, a washer',
         'on a dark background; `models/synthetic.py`) and NSA-style simulated anomalies exactly as the reference',
         'builds them (patches of another image, resized, Poisson-blended, logistic-intensity labels binarised',
-        'at 0.3; `models/anomaly_sim.py`), with the reference\'s conversation templates and 3x3 position words.',
+        'at 0.3; `models/anomaly_sim.py`)'
+        + (f"; {src['settings']['foreign_fraction']:.0%} of the simulated images get a foreign-content blob instead, in"
+           ' the DRAEM style (another texture, the surface darker or lighter, a colour field or blur, in a smooth-noise'
+           ' blob; `models/foreign_sim.py`), since a tower trained from scratch on pasted patches alone learns only'
+           ' "pasted texture"' if src.get('settings', {}).get('foreign_fraction') else '')
+        + '; with the reference\'s conversation templates and 3x3 position words.',
         'Stage 1 trains the vision tower, decoder and text tower with focal + dice loss on the 4 layer maps;',
         'stage 2 freezes them and trains the prompt learner, `llama_proj` and the LLM with the LM loss on answers',
         'only (half the batches on few-shot maps, as the reference)'
@@ -213,11 +223,15 @@ def model_card(results: dict, manifest: dict) -> str:
                   + f", anomaly map max abs error {agree['max_map_abs_error']:.2e}"
                   + (f" (mean {agree['mean_map_abs_error']:.2e})" if agree.get('mean_map_abs_error') is not None else '')
                   + '.', '']
-    if results.get('ablation'):
+    ablations = results.get('ablation') or []
+    if ablations:
         lines += ['## Recipe ablations',
                   'Other settings of `models/train.py` tried on the same held-out set, zero-shot, measured with the PyTorch',
-                  'reference by `python -m anomalygpt_edge.benchmarks.demo_ablation` (the runtime gives the same answers):',
-                  '', results['ablation']['table'], '']
+                  'reference by `python -m anomalygpt_edge.benchmarks.demo_ablation` (the runtime gives the same answers).', '']
+        for ab in ablations:
+            if ab.get('maps_only'):
+                lines += ['Vision stages alone (`--maps-only`: their stage-1 checkpoints, maps only, no LLM):', '']
+            lines += [ab['table'], '']
     lines += ['## Known problems', *known_problems(results, agree, manifest), '']
     lines += ['## Limits',
               '- Trained for minutes on 2 CPU cores: the targets of a real deployment are not met; the figures',

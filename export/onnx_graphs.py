@@ -132,7 +132,8 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """Zero-shot map: the 4 Linear layers as one batched MatMul, then
-    sigmoid(upsample(100 (cos_abnormal - cos_normal))) averaged over layers (exact, spec 3.3)."""
+    sigmoid(upsample(100 (cos_abnormal - cos_normal))) averaged over layers (exact, spec 3.3; the sigmoid
+    written out, see :func:`logistic`)."""
 
     def __init__(self, model: AnomalyGPT):
         super().__init__()
@@ -148,7 +149,15 @@ class DecoderGraph(nn.Module):
         direction = text_features[1] - text_features[0]                  # abnormal - normal
         logit = 100.0 * torch.matmul(feats, direction)                   # [B,4,256]
         logit = logit.reshape(logit.shape[0], logit.shape[1], self.grid, self.grid)
-        return torch.sigmoid(upsample(logit, self.size)).mean(dim=1, keepdim=True)
+        return logistic(upsample(logit, self.size)).mean(dim=1, keepdim=True)
+
+
+def logistic(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) as 1 / (1 + exp(-x)). ONNX Runtime's Sigmoid kernel computes the lower tail as 1 minus
+    something: below -16 its values come in steps of 6e-8 and below -18 they are 0, so the pixels of a
+    saturated map (most of a trained model's normal surface) all tie and the map ranks them unlike the
+    reference; this form is exact to float32 rounding down to 1e-38 (and 0, never NaN, below)."""
+    return torch.reciprocal(1.0 + torch.exp(-x))
 
 
 class FewShotGraph(nn.Module):

@@ -23,6 +23,17 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     assert demo_ablation.main(['--json', str(out), f'c={tmp_path}']) == 2
     assert 'final.pt' in capsys.readouterr().err
 
+    # an earlier report's runs stay (minus the dropped), ahead of the new ones; another held-out set is refused
+    more = tmp_path / 'more.json'
+    common = ['--config', 'tiny', '--per-kind', '1', '--good', '1', '--keep', str(out)]
+    assert demo_ablation.main(['--json', str(more), *common, '--drop', 'a', '--rename', 'b', 'b2', f'c={work}']) == 0
+    merged = json.loads(more.read_text())
+    assert list(merged['runs']) == ['b2', 'c'] and merged['runs']['b2'] == report['runs']['b']
+    assert merged['runs']['c']['mean'] == b['mean'] and merged['table'].count('\n') == 3
+    assert demo_ablation.main(['--json', str(more), *common[:-4], '--good', '2', '--keep', str(out), f'c={work}']) == 2
+    assert 'another held-out set' in capsys.readouterr().err
+    assert demo_ablation.main(['--json', str(more), *common, '--drop', 'zz', f'c={work}']) == 2
+
 
 def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_maps(tmp_path, capsys):
     work = tmp_path / 'work'
@@ -38,6 +49,8 @@ def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_
     for k in ('image_auroc', 'pixel_auroc'):
         assert m['mean'][k] == f['mean'][k]
     assert m['mean']['yes_no_accuracy'] is None and m['mean']['location_accuracy'] is None
+    table = json.loads(maps.read_text())['table']
+    assert table.splitlines()[0] == '| recipe | image AUROC | pixel AUROC |' and table.count('\n') == 2
     (work / 'vision.pt').unlink()
     assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2
     assert 'vision.pt' in capsys.readouterr().err

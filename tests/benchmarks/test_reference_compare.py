@@ -177,10 +177,14 @@ def test_model_card_carries_the_ablation_table_and_the_history():
     manifest = json.loads((root / 'bundle' / 'manifest.json').read_text())
     results.pop('ablation', None), results.pop('history', None)
     assert '## Recipe ablations' not in model_card(results, manifest)
-    results['ablation'] = {'table': '| recipe | x |\n|---|---|\n| a | 0.5 |', 'runs': {}}
+    results['ablation'] = [{'maps_only': True, 'table': '| recipe | x |\n|---|---|\n| v | 0.7 |', 'runs': {}},
+                           {'maps_only': False, 'table': '| recipe | x |\n|---|---|\n| a | 0.5 |', 'runs': {}}]
     results['history'] = 'resumed once.'
     card = model_card(results, manifest)
-    assert '## Recipe ablations' in card and '| a | 0.5 |' in card
+    assert '## Recipe ablations' in card
+    heading = card.index('Vision stages alone')
+    assert card.index('## Recipe ablations') < heading < card.index('| v | 0.7 |') < card.index('| a | 0.5 |')
+    assert card.count('Vision stages alone') == 1      # only the maps-only table is introduced as one
     assert '- history of this particular model: resumed once.' in card
 
 
@@ -189,3 +193,19 @@ def test_demo_report_names_a_missing_ablation_file(tmp_path, capsys):
     missing = tmp_path / 'nope.json'
     assert main(['--bundle', str(tmp_path), '--out', str(tmp_path / 'out'), '--ablation', str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err and not (tmp_path / 'out').exists()
+
+
+def test_model_card_names_the_share_of_foreign_content_anomalies():
+    import copy
+
+    from anomalygpt_edge.benchmarks.demo_report import model_card
+    root = Path(__file__).resolve().parents[2] / 'runtime' / 'demo'
+    results = json.loads((root / 'results.json').read_text())
+    manifest = json.loads((root / 'bundle' / 'manifest.json').read_text())
+    cards = {}
+    for share in (0.0, 0.3):
+        m = copy.deepcopy(manifest)
+        m['model']['source'].setdefault('settings', {})['foreign_fraction'] = share
+        cards[share] = model_card(results, m)
+    assert 'foreign-content' not in cards[0.0]
+    assert '30% of the simulated images get a foreign-content blob' in cards[0.3]
