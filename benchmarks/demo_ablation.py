@@ -100,6 +100,30 @@ def markdown(results: dict) -> str:
     return '\n'.join(rows)
 
 
+def kept_runs(args, held_out: dict) -> dict:
+    """The runs of ``--keep``'s report, less ``--drop``, relabelled by ``--rename``; ValueError names what
+    does not fit (another held-out set or mode, an unknown run)."""
+    if (args.drop or args.rename) and not args.keep:
+        raise ValueError("--drop and --rename act on the runs of --keep's report; no --keep given")
+    if not args.keep:
+        return {}
+    try:
+        old = json.loads(Path(args.keep).read_text())
+        runs = old['runs']
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--keep {args.keep}: not a report of this script ({e})") from None
+    if old.get('held_out') != held_out:
+        raise ValueError(f"--keep {args.keep}: measured on another held-out set ({old.get('held_out')}, "
+                         f"this run: {held_out})")
+    if bool(old.get('maps_only')) != args.maps_only:
+        raise ValueError(f"--keep {args.keep}: its maps_only is {bool(old.get('maps_only'))}, this run's "
+                         f"{args.maps_only}")
+    if unknown := [n for n in [*args.drop, *(o for o, _ in args.rename)] if n not in runs]:
+        raise ValueError(f"{unknown[0]!r}: no such run in {args.keep}")
+    names = dict(args.rename)
+    return {names.get(n, n): r for n, r in runs.items() if n not in args.drop}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.benchmarks.demo_ablation', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument('--config', default='small', help='the model config the runs were trained with')
     ap.add_argument('--per-kind', type=int, default=6, help='held-out images per defect kind and class')
     ap.add_argument('--good', type=int, default=12, help='held-out normal images per class')
+    ap.add_argument('--seed', type=int, default=HELD_OUT_SEED,
+                    help="the images' seed (default: the held-out set's, %(default)s); another seed makes a validation "
+                         'set of the same kinds, to choose between recipes without tuning on the held-out figures')
     ap.add_argument('--maps-only', action='store_true',
                     help="measure each WORK's stage-1 checkpoint (vision.pt): image and pixel AUROC, no LLM")
     ap.add_argument('--keep', metavar='OLD.json',
@@ -117,32 +144,13 @@ def main(argv=None) -> int:
     ap.add_argument('--rename', action='append', default=[], nargs=2, metavar=('OLD', 'NEW'),
                     help='give a kept run a new label, e.g. once it is no longer the shipped one (repeatable)')
     args = ap.parse_args(argv)
-    kept = {}
-    if (args.drop or args.rename) and not args.keep:
-        print("demo_ablation: --drop and --rename act on the runs of --keep's report; no --keep given", file=sys.stderr)
-        return 2
-    if args.keep:
-        try:
-            old = json.loads(Path(args.keep).read_text())
-            kept = old['runs']
-        except (OSError, ValueError, KeyError) as e:
-            print(f"demo_ablation: --keep {args.keep}: not a report of this script ({e})", file=sys.stderr)
-            return 2
-        want = {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
+    held_out = {'seed': args.seed, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
                 'defects_per_kind_and_class': args.per_kind}
-        if old.get('held_out') != want:
-            print(f"demo_ablation: --keep {args.keep}: measured on another held-out set ({old.get('held_out')}, "
-                  f"this run: {want})", file=sys.stderr)
-            return 2
-        if bool(old.get('maps_only')) != args.maps_only:
-            print(f"demo_ablation: --keep {args.keep}: its maps_only is {bool(old.get('maps_only'))}, this run's "
-                  f"{args.maps_only}", file=sys.stderr)
-            return 2
-        if unknown := [n for n in [*args.drop, *(o for o, _ in args.rename)] if n not in kept]:
-            print(f"demo_ablation: {unknown[0]!r}: no such run in {args.keep}", file=sys.stderr)
-            return 2
-        names = dict(args.rename)
-        kept = {names.get(n, n): r for n, r in kept.items() if n not in args.drop}
+    try:
+        kept = kept_runs(args, held_out)
+    except ValueError as e:
+        print(f"demo_ablation: {e}", file=sys.stderr)
+        return 2
     runs = {}
     need = 'vision.pt' if args.maps_only else 'final.pt'
     for item in args.runs:
@@ -157,11 +165,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / 'heldout'
         write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
-                           n_test_defect=args.per_kind, seed=HELD_OUT_SEED, defect_kinds=DEFECTS)
+                           n_test_defect=args.per_kind, seed=args.seed, defect_kinds=DEFECTS)
         for name, work in runs.items():
             results[name] = measure(work, root, args.config, maps_only=args.maps_only)
-    report = {'maps_only': args.maps_only, 'held_out': {'seed': HELD_OUT_SEED, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
-                           'defects_per_kind_and_class': args.per_kind}, 'runs': results, 'table': markdown(results)}
+    report = {'maps_only': args.maps_only, 'held_out': held_out, 'runs': results, 'table': markdown(results)}
     tmp_path = Path(args.json).with_name(Path(args.json).name + '.partial')
     tmp_path.write_text(json.dumps(report, indent=1))
     os.replace(tmp_path, args.json)

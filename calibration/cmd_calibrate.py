@@ -173,7 +173,7 @@ def _trt_legacy(args) -> int:
     from ..runtime import engines as E
     from ..runtime.bundle import Bundle
     from ..runtime.cmd_build_engines import build_engines
-    from .data_reader import CalibrationError, ImageBatches
+    from .data_reader import ImageBatches
     from .trt_calibrator import entropy_calibrator, legacy_supported
     device = E.device_info()
     if not legacy_supported(device.trt_version):

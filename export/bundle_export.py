@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..models import spec
 from ..models.anomalygpt import AnomalyGPT

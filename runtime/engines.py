@@ -144,8 +144,8 @@ def build_plan(manifest: dict, precision: str, trt_version: str, components=COMP
             # (never the INT8 flag without Q/DQ: that would ask for an implicit calibrator)
             plan.append(BuildItem(name, variants['fp32']['file'], False, ('fp16',), True))
     if precision in ('int8', 'best') and 'int8' not in comps.get('encoder', {}):
-        raise EngineMismatch(f"the bundle has no INT8 encoder; calibrate one first: anomalygpt-edge calibrate int8 "
-                             f"--bundle DIR --images NORMAL_DIR --heldout MVTEC_ROOT")
+        raise EngineMismatch("the bundle has no INT8 encoder; calibrate one first: anomalygpt-edge calibrate int8 "
+                             "--bundle DIR --images NORMAL_DIR --heldout MVTEC_ROOT")
     return plan
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .answers import locations, parse_verdict, verdict_known
 from .bundle import Bundle, BundleError
-from .preprocess import ImageError, load_image, decode_image, preprocess, resize
+from .preprocess import ImageError, load_image, decode_image, preprocess
 
 
 @dataclass

@@ -32,6 +32,11 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     assert merged['runs']['c']['mean'] == b['mean'] and merged['table'].count('\n') == 3
     assert demo_ablation.main(['--json', str(more), *common[:-4], '--good', '2', '--keep', str(out), f'c={work}']) == 2
     assert 'another held-out set' in capsys.readouterr().err
+    # a validation set of another seed is recorded as such, and cannot be merged with the held-out figures
+    val = tmp_path / 'val.json'
+    assert demo_ablation.main(['--json', str(val), *common[:-2], '--seed', '7', f'c={work}']) == 0
+    assert json.loads(val.read_text())['held_out']['seed'] == 7
+    assert demo_ablation.main(['--json', str(more), *common[:-2], '--keep', str(val), f'c={work}']) == 2
     assert demo_ablation.main(['--json', str(more), *common, '--drop', 'zz', f'c={work}']) == 2
 
 
