@@ -63,13 +63,19 @@ def run(args) -> int:
                 where = ', '.join(res.locations) or '-'
                 verdict = (res.verdict or 'n/a').upper()
                 if res.verdict_source == 'threshold':
-                    verdict += f' (threshold {res.threshold:.3f}, no LLM)'
+                    verdict += f' (threshold {number(res.threshold)}, no LLM)'
                 elif res.map_verdict is not None:
                     # the calibrated map threshold's call, shown beside the LLM's, never in its place
                     verdict += (f" (map {'above' if res.map_verdict == 'yes' else 'within'} calibrated threshold "
-                                f"{res.threshold:.3f})")
-                print(f"{image}: {verdict}  score {res.score:.3f}  hot regions: {where}  "
+                                f"{number(res.threshold)})")
+                print(f"{image}: {verdict}  score {number(res.score)}  hot regions: {where}  "
                       f"({res.timings_ms['total']:.0f} ms)")
                 if res.answer is not None:
                     print(f"  {res.answer}")
     return status
+
+
+def number(x: float) -> str:
+    """A score or threshold for people: 3 decimals, or 3 significant digits below 0.001 (a trained model's
+    maps are ~1e-5 on normal surfaces, and its thresholds too: '0.000' would hide them)."""
+    return f"{x:.3f}" if x == 0 or abs(x) >= 1e-3 else f"{x:.2e}"
