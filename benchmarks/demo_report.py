@@ -161,8 +161,9 @@ def model_card(results: dict, manifest: dict) -> str:
         '',
         'A small model of the exact AnomalyGPT architecture (ImageBind-style vision tower, decoder, prompt',
         'learner, LLaMA with LoRA), trained here from scratch on 2 CPU cores with AnomalyGPT\'s own recipe',
-        '(`models/train.py`), so that `make demo` shows the whole chain working. **It is a demonstration,',
-        'not a product model**: it knows five procedural materials and nothing else.',
+        '(`models/train.py`; "Training data" names where it departs from it), so that `make demo` shows the',
+        'whole chain working. **It is a demonstration, not a product model**: it knows five procedural',
+        'materials and nothing else.',
         '',
         '## Model',
         f"- vision: width {cfg['vision']['width']}, {cfg['vision']['blocks']} blocks, taps {cfg['vision']['taps']}, "

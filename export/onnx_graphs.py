@@ -153,8 +153,8 @@ class DecoderGraph(nn.Module):
 
 
 def logistic(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x) as 1 / (1 + exp(-x)). ONNX Runtime's Sigmoid kernel computes the lower tail as 1 minus
-    something: below -16 its values come in steps of 6e-8 and below -18 they are 0, so the pixels of a
+    """sigmoid(x) as 1 / (1 + exp(-x)). ONNX Runtime's CPU Sigmoid kernel loses the lower tail (measured:
+    below -16 its values come in steps of 6e-8, below -18 they are 0), so the pixels of a
     saturated map (most of a trained model's normal surface) all tie and the map ranks them unlike the
     reference; this form is exact to float32 rounding down to 1e-38 (and 0, never NaN, below)."""
     return torch.reciprocal(1.0 + torch.exp(-x))

@@ -3,7 +3,8 @@
   python -m anomalygpt_edge.models.train --work DIR --bundle OUT [--vision-steps N] [--lm-steps N]
 
 Stage 1 (vision): ImageBind-style tower + decoder + text tower, focal + dice on the 4 layer maps
-(spec 7.5), on normal images and NSA-simulated anomalies. Stage 2 (language): vision frozen;
+(spec 7.5), on normal images and simulated anomalies (NSA patches as the reference, and a share of
+foreign-content blobs: ``foreign_fraction``). Stage 2 (language): vision frozen;
 prompt learner, llama_proj and the small LLaMA trained with the LM loss on the answers only (the
 Yes/No, count and position tokens weighted), on maps of normal images stage 1 never saw.
 Seeds are fixed; checkpoints are written atomically every few hundred steps and resumed; each
