@@ -405,18 +405,16 @@ def memory_graphs(cfg, work: Path, seed: int) -> dict:
     vision = work / 'vision'
     if not (vision / 'encoder.onnx').is_file():
         bench_vision.prepare_vision(cfg, work, ('fp32',), None, seed, log=_log)
-    encoder = work / 'encoder-int8-dynamic.onnx'
-    if not encoder.is_file():
-        _log("INT8 encoder (dynamic)")
-        quantize_onnx(vision / 'encoder.onnx', encoder, None, 'encoder', 'image',
-                      QuantizeOptions(method='dynamic', target='onnxruntime'))
-    pl = vision / 'prompt_learner.onnx'
-    pl_int8 = work / 'prompt_learner-int8-dynamic.onnx'
-    if not pl_int8.is_file():  # the calibrate int8 code path: the last conv in its MatMul form, INT8 weights
-        _log("INT8 prompt learner (dynamic)")
-        quantize_onnx(pl, pl_int8, None, 'prompt_learner', 'anomaly_map',
-                      QuantizeOptions(method='dynamic', target='onnxruntime'))
-    return {'encoder': encoder, 'decoder': vision / 'decoder.onnx', 'prompt_learner': {'fp32': pl, 'int8': pl_int8}}
+    int8 = {}
+    # the calibrate int8 code path (the prompt learner's last conv in its MatMul form), INT8 weights
+    for component, graph_input in (('encoder', 'image'), ('prompt_learner', 'anomaly_map')):
+        int8[component] = work / f'{component}-int8-dynamic.onnx'
+        if not int8[component].is_file():
+            _log(f"INT8 {component} (dynamic)")
+            quantize_onnx(vision / f'{component}.onnx', int8[component], None, component, graph_input,
+                          QuantizeOptions(method='dynamic', target='onnxruntime'))
+    return {'encoder': int8['encoder'], 'decoder': vision / 'decoder.onnx',
+            'prompt_learner': {'fp32': vision / 'prompt_learner.onnx', 'int8': int8['prompt_learner']}}
 
 
 def memory_ggufs(cfg, work: Path, layers, quants, seed: int) -> dict:

@@ -31,6 +31,7 @@ RELEASED_QUANTS = 'iq4_xs,q4_k_m,q8_0,f16'
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .quantize import QUANT_TYPES
     sub = p.add_subparsers(dest='what', required=True, metavar='WHAT')
 
     def common(sp, quant_default):
@@ -38,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument('--precision', default='fp32,fp16', type=_split,
                         help='vision graph precisions, comma-separated (fp32, fp16; default: %(default)s)')
         sp.add_argument('--quant', default=quant_default, type=_split,
-                        help='GGUF types, comma-separated: f32, f16, bf16, q8_0, q4_k_m, q4_k_s, iq4_xs, q4_0; the first '
-                             'is the one the runtime opens unless told otherwise (inspect --quant) (default: %(default)s)')
+                        help=f"GGUF types, comma-separated: {', '.join(QUANT_TYPES)}; the first is the one the runtime "
+                             'opens unless told otherwise (inspect --quant) (default: %(default)s)')
         sp.add_argument('--opset', type=int, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
         sp.add_argument('--class-description', action='append', metavar='NAME=DESCRIPTION',
                         help='add your own product class with its description sentence (repeatable)')

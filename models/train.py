@@ -60,9 +60,9 @@ class TrainSettings:
     # they look like the maps of new images (0: stage 1's own images)
     language_seed_offset: int = 1
     # share of simulated anomalies made by models/foreign_sim.py (the rest are the reference's NSA patches).
-    # 0.3: the tower trained from scratch on NSA alone learns only "pasted texture"; at 0.3 it finds the
-    # held-out kinds better (600-step probes: pixel AUROC 0.84 -> 0.89); at 0.5 (2000 steps) it lost image
-    # AUROC on washer and wood grain (MODEL_CARD.md, recipe ablations)
+    # 0.3: the tower trained from scratch on NSA alone learns only "pasted texture"; 600-step probes gave
+    # pixel AUROC 0.84 (NSA only), 0.89 (0.3), 0.84 (0.5, with a better image AUROC): noisy, so 0.3 rests
+    # on one probe; 0.5 with 2000 steps lost image AUROC on washer and wood grain (MODEL_CARD.md, ablations)
     foreign_fraction: float = 0.3
     # stage 2 learns an anomalous sample's answer only when its map peaks on the labelled region (an
     # answer naming a place the map does not show teaches the LLM to guess). Off: on the demo it lowered
@@ -366,12 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--bundle', help='export the trained model as a bundle here')
     ap.add_argument('--config', default='small')
     for f in dataclasses.fields(TrainSettings):
-        if isinstance(f.default, bool):
-            ap.add_argument('--' + f.name.replace('_', '-'), action=argparse.BooleanOptionalAction, default=f.default,
-                            help='(TrainSettings; default: %(default)s)')
-        else:
-            ap.add_argument('--' + f.name.replace('_', '-'), type=type(f.default), default=f.default,
-                            help='(TrainSettings; default: %(default)s)')
+        kind = {'action': argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {'type': type(f.default)}
+        ap.add_argument('--' + f.name.replace('_', '-'), default=f.default, help='(TrainSettings; default: %(default)s)',
+                        **kind)
     ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
     ap.add_argument('--quant', default='f32,q8_0', help='GGUF type(s) for the bundle, the first is the default')
     ap.add_argument('--threshold-images', type=int, default=16,
