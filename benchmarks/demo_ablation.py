@@ -7,7 +7,9 @@ Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and `
 ``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained). Every
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
-single-region defect images. The PyTorch reference answers as the runtime does (``demo_report`` checks that on
+single-region defect images; and the accuracy of the map's own verdict (some pixel at or above 0.5), which a
+--maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5 on
+299 of the 300 held-out and validation images, so this figure foretells its Yes/No). The PyTorch reference answers as the runtime does (``demo_report`` checks that on
 the shipped bundle), so recipes can be compared without exporting each one.
 """
 from __future__ import annotations
@@ -24,7 +26,10 @@ import numpy as np
 
 from .demo_report import DEFECTS, HELD_OUT_SEED
 
-KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy')
+KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_verdict_accuracy')
+# the map's own verdict: anomalous when some pixel reaches this, i.e. when at least half of the decoder's layers
+# (whose softmax maps it averages) call that pixel abnormal
+MAP_VERDICT_LEVEL = 0.5
 
 
 class ReferenceAsPipeline:
@@ -45,6 +50,18 @@ class ReferenceAsPipeline:
         return self.reference.inspect(path, class_name, question=self.questions[class_name])
 
 
+class ScoreRecorder:
+    """A pipeline that passes each call on and keeps each image's score (the map's maximum), by path."""
+
+    def __init__(self, pipeline):
+        self.pipeline, self.prompt, self.scores = pipeline, pipeline.prompt, {}
+
+    def inspect(self, path, class_name: str, memory=None, llm: bool = True):
+        res = self.pipeline.inspect(path, class_name, memory=memory, llm=llm)
+        self.scores[str(path)] = float(res.score)
+        return res
+
+
 @dataclasses.dataclass
 class MapResult:
     """The zero-shot map of one image and its score (the maximum), as the reference computes them."""
@@ -56,24 +73,36 @@ class MapResult:
 
 def measure(work: Path, root: Path, config: str = 'small', progress: bool = True, maps_only: bool = False) -> dict:
     """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``; ``maps_only``:
-    of its stage-1 checkpoint, image and pixel AUROC only."""
+    of its stage-1 checkpoint, image and pixel AUROC and the map verdict only."""
     from ..models.reference import ReferencePipeline
     from ..models.spec import POSITION_WORDS
     from ..models.synthetic import CATEGORIES
     from ..models.text_features import text_feature_table
     from ..models.tokenizer import load_tokenizer
     from ..models.train import build_small, load_trained
-    from .evaluate import evaluate
+    from .evaluate import discover, evaluate
+    from .metrics import mean_or_none
     model, text = build_small(work / 'tokenizer', 0, config)
     state = load_vision(work, model, text) if maps_only else load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
     questions = {name.replace('_', ' '): c.question for name, c in CATEGORIES.items()}
-    rep = evaluate(ReferenceAsPipeline(ref, questions, POSITION_WORDS), root, progress=progress, llm=not maps_only)
-    classes = {name: {k: c[k] for k in KEYS} for name, c in rep['classes'].items()}
-    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': rep['mean'], 'classes': classes}
+    pipe = ScoreRecorder(ReferenceAsPipeline(ref, questions, POSITION_WORDS))
+    rep = evaluate(pipe, root, progress=progress, llm=not maps_only)
+    classes = {}
+    for name, samples in discover(root).items():
+        c = rep['classes'][name]
+        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_verdict_accuracy': map_verdict_accuracy(samples, pipe.scores)}
+    mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
+    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
     if maps_only:
         out.update(vision_step=int(state['step']), minutes={'vision': float(state.get('seconds', 0.0)) / 60})
     return out
+
+
+def map_verdict_accuracy(samples, scores: dict[str, float]) -> float:
+    """The share of ``samples`` (``evaluate.Sample``) whose map verdict (``scores[path] >= MAP_VERDICT_LEVEL``)
+    is their label."""
+    return float(np.mean([(scores[str(s.path)] >= MAP_VERDICT_LEVEL) == s.anomalous for s in samples]))
 
 
 def load_vision(work: Path, model, text) -> dict:
@@ -91,11 +120,11 @@ def load_vision(work: Path, model, text) -> dict:
 def markdown(results: dict) -> str:
     """The runs as a table; a figure no run has (Yes/No and location of a --maps-only report) gets no column."""
     heads = {'image_auroc': 'image AUROC', 'pixel_auroc': 'pixel AUROC', 'yes_no_accuracy': 'Yes/No',
-             'location_accuracy': 'location'}
-    keys = [k for k in KEYS if any(r['mean'][k] is not None for r in results.values())]
+             'location_accuracy': 'location', 'map_verdict_accuracy': 'map verdict (max >= 0.5)'}
+    keys = [k for k in KEYS if any(r['mean'].get(k) is not None for r in results.values())]
     rows = ['| recipe | ' + ' | '.join(heads[k] for k in keys) + ' |', '|---' * (len(keys) + 1) + '|']
     for name, r in results.items():
-        rows.append(f"| {name} | " + ' | '.join('' if r['mean'][k] is None else f"{r['mean'][k]:.3f}" for k in keys)
+        rows.append(f"| {name} | " + ' | '.join('' if r['mean'].get(k) is None else f"{r['mean'][k]:.3f}" for k in keys)
                     + ' |')
     return '\n'.join(rows)
 

@@ -5,10 +5,12 @@ Sample i is: a fixed normal image of category ``categories[i % n]`` (the same ev
 training set on disk), the normal conversation and a zero mask; then the same image with NSA patches
 from another sample's image (any category, as the reference's "previous sample"), its answer and label;
 with ``foreign_fraction`` > 0, that share of the simulated images gets a foreign-content blob instead
-(``foreign_sim``), from the same other image for its 'texture' content.
+(``foreign_sim``), from the same other image for its 'texture' content; with ``faint_fraction`` > 0,
+that share of the simulated images is blended back towards the normal image (same label and answer).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from pathlib import Path
@@ -27,6 +29,9 @@ from .synthetic import CATEGORIES, get_category, normal_image
 _MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
 
+# how much of a faint anomaly's change is kept (uniform in this range)
+FAINT_STRENGTH = (0.25, 0.6)
+
 
 def to_clip_tensor(image: np.ndarray) -> torch.Tensor:
     """[H,W,3] uint8 RGB -> [3,H,W] float32, CLIP-normalised (ToTensor then Normalize)."""
@@ -40,16 +45,19 @@ class SyntheticAnomalyDataset(Dataset):
     answers (2 strings each), category, and ``positions`` of the simulated image's patches."""
 
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
-                 cache_normals: bool = False, foreign_fraction: float = 0.0):
+                 cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
         self.length, self.seed, self.epoch = length, seed, 0
         self.cumulative_centres = cumulative_centres
-        if not 0.0 <= foreign_fraction <= 1.0:
-            raise ValueError(f"foreign_fraction must be in [0, 1], got {foreign_fraction}")
+        for name, value in (('foreign_fraction', foreign_fraction), ('faint_fraction', faint_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         # the share of simulated images made by ``foreign_sim`` instead of the reference's NSA patches
         self.foreign_fraction = foreign_fraction
+        # the share of simulated images made faint (their change scaled by FAINT_STRENGTH), to teach subtler changes
+        self.faint_fraction = faint_fraction
         # each sample renders two normal images (its own and the patch source); caching them keeps
         # ~150 kB per sample and leaves only the simulation per item (per DataLoader worker)
         self._cache: dict[int, np.ndarray] | None = {} if cache_normals else None
@@ -86,6 +94,10 @@ class SyntheticAnomalyDataset(Dataset):
         else:
             sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
                            cumulative_centres=self.cumulative_centres)
+        if self.faint_fraction and sim.is_anomalous and rng.random() < self.faint_fraction:
+            keep = rng.uniform(*FAINT_STRENGTH)
+            faint = dest + keep * (sim.image.astype(np.float32) - dest)
+            sim = dataclasses.replace(sim, image=np.clip(faint + 0.5, 0, 255).astype(np.uint8))
         return dest, sim
 
     def __getitem__(self, index: int) -> dict:

@@ -6,7 +6,7 @@ import torch
 from anomalygpt_edge.models import anomaly_sim, spec
 from anomalygpt_edge.models.anomaly_sim import SimParams
 from anomalygpt_edge.models.synthetic import normal_image
-from anomalygpt_edge.models.synthetic_dataset import (SyntheticAnomalyDataset, collate_pairs, defect_sample,
+from anomalygpt_edge.models.synthetic_dataset import (FAINT_STRENGTH, SyntheticAnomalyDataset, collate_pairs, defect_sample,
                                                       layout_seed, to_clip_tensor, write_mvtec_layout)
 
 MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
@@ -146,3 +146,28 @@ def test_foreign_fraction_mixes_in_foreign_blobs():
     assert 0.25 < share < 0.75
     with pytest.raises(ValueError, match='foreign_fraction'):
         SyntheticAnomalyDataset(4, foreign_fraction=1.5)
+
+
+def test_faint_fraction_blends_the_anomaly_back_towards_the_normal_image():
+    full = SyntheticAnomalyDataset(10, seed=4, foreign_fraction=0.5)
+    faint = SyntheticAnomalyDataset(10, seed=4, foreign_fraction=0.5, faint_fraction=1.0)
+    lo, hi = FAINT_STRENGTH
+    checked = 0
+    for i in range(10):
+        dest, a = full.simulated(i)
+        _, b = faint.simulated(i)
+        assert b.answer == a.answer and np.array_equal(b.mask, a.mask)   # still labelled anomalous, same place
+        change_a = a.image.astype(np.float32) - dest
+        change_b = b.image.astype(np.float32) - dest
+        big = np.abs(change_a) > 20
+        if not big.any():       # a patch close to the surface's colours: nothing big enough to compare
+            assert np.abs(change_b).max() <= np.abs(change_a).max()
+            continue
+        checked += 1
+        keep = np.median(change_b[big] / change_a[big])
+        assert lo - 0.05 < keep < hi + 0.05                                 # the same change, scaled down
+        assert np.abs(change_b - keep * change_a).max() <= 1.5               # only rounding apart
+        assert np.array_equal(faint.normal(i), dest)                        # the normal image is untouched
+    assert checked >= 5
+    with pytest.raises(ValueError, match='faint_fraction'):
+        SyntheticAnomalyDataset(4, faint_fraction=-0.1)
