@@ -27,9 +27,6 @@ import numpy as np
 from .demo_report import DEFECTS, HELD_OUT_SEED
 
 KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_verdict_accuracy')
-# the map's own verdict: anomalous when some pixel reaches this, i.e. when at least half of the decoder's layers
-# (whose softmax maps it averages) call that pixel abnormal
-MAP_VERDICT_LEVEL = 0.5
 
 
 class ReferenceAsPipeline:
@@ -81,7 +78,7 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     from ..models.tokenizer import load_tokenizer
     from ..models.train import build_small, load_trained
     from .evaluate import discover, evaluate
-    from .metrics import mean_or_none
+    from .metrics import map_verdict_accuracy, mean_or_none
     model, text = build_small(work / 'tokenizer', 0, config)
     state = load_vision(work, model, text) if maps_only else load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
@@ -91,18 +88,13 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     classes = {}
     for name, samples in discover(root).items():
         c = rep['classes'][name]
-        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_verdict_accuracy': map_verdict_accuracy(samples, pipe.scores)}
+        verdict = map_verdict_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
+        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_verdict_accuracy': verdict}
     mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
     out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
     if maps_only:
         out.update(vision_step=int(state['step']), minutes={'vision': float(state.get('seconds', 0.0)) / 60})
     return out
-
-
-def map_verdict_accuracy(samples, scores: dict[str, float]) -> float:
-    """The share of ``samples`` (``evaluate.Sample``) whose map verdict (``scores[path] >= MAP_VERDICT_LEVEL``)
-    is their label."""
-    return float(np.mean([(scores[str(s.path)] >= MAP_VERDICT_LEVEL) == s.anomalous for s in samples]))
 
 
 def load_vision(work: Path, model, text) -> dict:

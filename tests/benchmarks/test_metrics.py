@@ -36,3 +36,10 @@ def test_answer_positions():
     assert answer_positions('Yes, there are 2 anomalies in the image, they are at the top and bottom right of '
                             'the image.', WORDS) == ['bottom right', 'top']
     assert answer_positions('No, there is no anomaly in the image.', WORDS) == []
+
+
+def test_map_verdict_counts_a_score_at_the_level_as_anomalous():
+    from anomalygpt_edge.benchmarks.metrics import MAP_VERDICT_LEVEL, map_verdict_accuracy
+    # right: the quiet normal, the defect at the level; wrong: the firing normal, the quiet defect
+    assert map_verdict_accuracy([0.1, 0.7, MAP_VERDICT_LEVEL, 0.2], [0, 0, 1, 1]) == 0.5
+    assert map_verdict_accuracy([1e-6, 1.0], [False, True]) == 1.0

@@ -215,3 +215,14 @@ def test_model_card_names_the_share_of_foreign_content_anomalies():
         cards[share] = model_card(results, m)
     assert 'foreign-content' not in cards[0.0]
     assert '30% of the simulated images get a foreign-content blob' in cards[0.3]
+
+
+def test_model_card_puts_the_map_verdict_beside_the_llm_verdict():
+    from anomalygpt_edge.benchmarks.demo_report import model_card
+    root = Path(__file__).resolve().parents[2] / 'runtime' / 'demo'
+    results = json.loads((root / 'results.json').read_text())
+    manifest = json.loads((root / 'bundle' / 'manifest.json').read_text())
+    results.pop('map_verdict', None)
+    assert 'verdict by the map itself' not in model_card(results, manifest)
+    results['map_verdict'] = {'mean': {'yes_no_accuracy': 0.6789}}
+    assert '| zero-shot, verdict by the map itself (max >= 0.5, no LLM) | | | 0.679 | |' in model_card(results, manifest)
