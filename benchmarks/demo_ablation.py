@@ -8,9 +8,10 @@ Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and `
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
 single-region defect images; and the accuracy of the map's own verdict (some pixel at or above 0.5), which a
---maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5 on
-299 of the 300 held-out and validation images, so this figure foretells its Yes/No). The PyTorch reference answers as the runtime does (``demo_report`` checks that on
-the shipped bundle), so recipes can be compared without exporting each one.
+--maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5
+on 299 of the 300 held-out and validation images, so this figure foretells its Yes/No). The PyTorch reference
+answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can be compared
+without exporting each one.
 """
 from __future__ import annotations
 
