@@ -7,8 +7,8 @@ Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and `
 ``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained). Every
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
-single-region defect images; and the accuracy of the map's own verdict (some pixel at or above 0.5), which a
---maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5
+single-region defect images; and the accuracy of "anomalous where the map reaches 0.5" (some pixel at or above
+0.5), which a --maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5
 on 299 of the 300 held-out and validation images, so this figure foretells its Yes/No). The PyTorch reference
 answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can be compared
 without exporting each one.
@@ -27,7 +27,7 @@ import numpy as np
 
 from .demo_report import DEFECTS, HELD_OUT_SEED
 
-KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_verdict_accuracy')
+KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_half_accuracy')
 
 
 class ReferenceAsPipeline:
@@ -71,7 +71,7 @@ class MapResult:
 
 def measure(work: Path, root: Path, config: str = 'small', progress: bool = True, maps_only: bool = False) -> dict:
     """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``; ``maps_only``:
-    of its stage-1 checkpoint, image and pixel AUROC and the map verdict only."""
+    of its stage-1 checkpoint, image and pixel AUROC and the map >= 0.5 accuracy only."""
     from ..models.reference import ReferencePipeline
     from ..models.spec import POSITION_WORDS
     from ..models.synthetic import CATEGORIES
@@ -79,7 +79,7 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     from ..models.tokenizer import load_tokenizer
     from ..models.train import build_small, load_trained
     from .evaluate import discover, evaluate
-    from .metrics import map_verdict_accuracy, mean_or_none
+    from .metrics import map_half_accuracy, mean_or_none
     model, text = build_small(work / 'tokenizer', 0, config)
     state = load_vision(work, model, text) if maps_only else load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
@@ -89,8 +89,8 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     classes = {}
     for name, samples in discover(root).items():
         c = rep['classes'][name]
-        verdict = map_verdict_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
-        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_verdict_accuracy': verdict}
+        verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
+        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_half_accuracy': verdict}
     mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
     out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
     if maps_only:
@@ -113,7 +113,7 @@ def load_vision(work: Path, model, text) -> dict:
 def markdown(results: dict) -> str:
     """The runs as a table; a figure no run has (Yes/No and location of a --maps-only report) gets no column."""
     heads = {'image_auroc': 'image AUROC', 'pixel_auroc': 'pixel AUROC', 'yes_no_accuracy': 'Yes/No',
-             'location_accuracy': 'location', 'map_verdict_accuracy': 'map verdict (max >= 0.5)'}
+             'location_accuracy': 'location', 'map_half_accuracy': 'map >= 0.5 (accuracy)'}
     keys = [k for k in KEYS if any(r['mean'].get(k) is not None for r in results.values())]
     rows = ['| recipe | ' + ' | '.join(heads[k] for k in keys) + ' |', '|---' * (len(keys) + 1) + '|']
     for name, r in results.items():

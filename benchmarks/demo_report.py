@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from ..models.synthetic_dataset import write_mvtec_layout
     from ..runtime.pipeline import Pipeline
     from .evaluate import evaluate, markdown
-    from .metrics import map_verdict_accuracy, mean_or_none
+    from .metrics import map_half_accuracy, mean_or_none
     from .reference_compare import reference_for
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--bundle', required=True)
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
             for k in (0, 1):
                 rep = evaluate(pipe, root, k_shot=k, reference=ref if k == 0 else None)
                 results[f'{k}_shot'] = {'mean': rep['mean'], 'classes': rep['classes'], 'table': markdown(rep)}
-                if k == 0:  # the map's own verdict, beside the LLM's: the figure a vision recipe moves
-                    results['map_verdict'] = {'mean': {'yes_no_accuracy': mean_or_none(
-                        map_verdict_accuracy([a['score'] for a in answers], [a['anomalous'] for a in answers])
+                if k == 0:  # Yes where the map reaches 0.5, beside the LLM's Yes/No: the figure a vision recipe moves
+                    results['map_half'] = {'mean': {'yes_no_accuracy': mean_or_none(
+                        map_half_accuracy([a['score'] for a in answers], [a['anomalous'] for a in answers])
                         for answers in rep['answers'].values())}}
                 print(f"{k}-shot\n{markdown(rep)}\n", flush=True)
                 if 'reference' in rep:
@@ -213,8 +213,8 @@ def model_card(results: dict, manifest: dict) -> str:
         f"{_fmt(o['location_accuracy'])} |",
         f"| zero-shot, verdict by the calibrated map threshold (no LLM) | | | "
         f"{_fmt(results['threshold']['mean']['yes_no_accuracy'])} | |",
-        *([f"| zero-shot, verdict by the map itself (max >= 0.5, no LLM) | | | "
-           f"{_fmt(results['map_verdict']['mean']['yes_no_accuracy'])} | |"] if 'map_verdict' in results else []),
+        *([f"| zero-shot, Yes where the map reaches 0.5 (no LLM) | | | "
+           f"{_fmt(results['map_half']['mean']['yes_no_accuracy'])} | |"] if 'map_half' in results else []),
         '',
         'The sample images in `samples/` are held-out images: per class the first normal one and, of each',
         'defect kind, the one the map shows best; `samples/expected.json` records what the bundle answers.',

@@ -22,14 +22,14 @@ def pixel_auroc(maps, masks) -> float | None:
     return float(roc_auc_score(y, np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])))
 
 
-# the zero-shot map's own verdict: anomalous when some pixel reaches this, i.e. when at least half of the decoder's
-# layers (whose softmax maps it averages) call that pixel abnormal
-MAP_VERDICT_LEVEL = 0.5
+# a zero-shot map reaches this where at least half of the decoder's layers (whose softmax maps it averages) call a
+# pixel abnormal; the demo model's LLM answers Yes where its map does (not the runtime's calibrated map_verdict)
+MAP_HALF_LEVEL = 0.5
 
 
-def map_verdict_accuracy(scores, labels) -> float:
-    """The share of images whose map verdict (score, the map's maximum, >= ``MAP_VERDICT_LEVEL``) is their 0/1 label."""
-    return float(np.mean((np.asarray(scores, np.float64) >= MAP_VERDICT_LEVEL) == np.asarray(labels, bool)))
+def map_half_accuracy(scores, labels) -> float:
+    """The share of images for which "the map reaches ``MAP_HALF_LEVEL``" (score: the map's maximum) is their 0/1 label."""
+    return float(np.mean((np.asarray(scores, np.float64) >= MAP_HALF_LEVEL) == np.asarray(labels, bool)))
 
 
 def reference_correct(answer: str | None, anomalous: bool) -> bool:

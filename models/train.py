@@ -74,7 +74,7 @@ class TrainSettings:
     # share of simulated anomalies blended back towards the normal image (both stages), for maps that fire on
     # subtler defects. Off: in 1500-step probes (validation set) the maps fired on more defects (0.54 -> 0.70)
     # and on many more normal images (0.07 -> 0.30), image AUROC 0.84 -> 0.79; in stage 2 alone it changed no
-    # Yes/No answer (the LLM answers Yes where the map reaches 0.5, demo_ablation's map verdict)
+    # Yes/No answer (the LLM answers Yes where the map reaches 0.5: demo_ablation's map >= 0.5 column)
     faint_fraction: float = 0.0
 
 

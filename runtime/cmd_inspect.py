@@ -61,18 +61,24 @@ def run(args) -> int:
                 print(json.dumps(res.to_dict()), flush=True)
             else:
                 where = ', '.join(res.locations) or '-'
-                verdict = (res.verdict or 'n/a').upper()
-                if res.verdict_source == 'threshold':
-                    verdict += f' (threshold {number(res.threshold)}, no LLM)'
-                elif res.map_verdict is not None:
-                    # the calibrated map threshold's call, shown beside the LLM's, never in its place
-                    verdict += (f" (map {'above' if res.map_verdict == 'yes' else 'within'} calibrated threshold "
-                                f"{number(res.threshold)})")
-                print(f"{image}: {verdict}  score {number(res.score)}  hot regions: {where}  "
+                print(f"{image}: {verdict_text(res)}  score {number(res.score)}  hot regions: {where}  "
                       f"({res.timings_ms['total']:.0f} ms)")
                 if res.answer is not None:
                     print(f"  {res.answer}")
     return status
+
+
+def verdict_text(res) -> str:
+    """The verdict for people, and who gave it; the calibrated map threshold's call is shown beside the LLM's,
+    never in its place."""
+    verdict = (res.verdict or 'n/a').upper()
+    if res.verdict_source == 'threshold':
+        return verdict + f' (threshold {number(res.threshold)}, no LLM)'
+    if res.map_verdict is None:
+        return verdict
+    agrees = res.map_verdict == res.verdict
+    return verdict + (f" by the LLM (the calibrated map threshold {number(res.threshold)} "
+                      + ('agrees)' if agrees else f'says {res.map_verdict.upper()})'))
 
 
 def number(x: float) -> str:

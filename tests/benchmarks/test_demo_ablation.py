@@ -54,9 +54,9 @@ def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_
     for k in ('image_auroc', 'pixel_auroc'):
         assert m['mean'][k] == f['mean'][k]
     assert m['mean']['yes_no_accuracy'] is None and m['mean']['location_accuracy'] is None
-    assert m['mean']['map_verdict_accuracy'] == f['mean']['map_verdict_accuracy']
+    assert m['mean']['map_half_accuracy'] == f['mean']['map_half_accuracy']
     table = json.loads(maps.read_text())['table']
-    assert table.splitlines()[0] == '| recipe | image AUROC | pixel AUROC | map verdict (max >= 0.5) |'
+    assert table.splitlines()[0] == '| recipe | image AUROC | pixel AUROC | map >= 0.5 (accuracy) |'
     assert table.count('\n') == 2
     (work / 'vision.pt').unlink()
     assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2

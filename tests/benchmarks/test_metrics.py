@@ -39,7 +39,7 @@ def test_answer_positions():
 
 
 def test_map_verdict_counts_a_score_at_the_level_as_anomalous():
-    from anomalygpt_edge.benchmarks.metrics import MAP_VERDICT_LEVEL, map_verdict_accuracy
+    from anomalygpt_edge.benchmarks.metrics import MAP_HALF_LEVEL, map_half_accuracy
     # right: the quiet normal, the defect at the level; wrong: the firing normal, the quiet defect
-    assert map_verdict_accuracy([0.1, 0.7, MAP_VERDICT_LEVEL, 0.2], [0, 0, 1, 1]) == 0.5
-    assert map_verdict_accuracy([1e-6, 1.0], [False, True]) == 1.0
+    assert map_half_accuracy([0.1, 0.7, MAP_HALF_LEVEL, 0.2], [0, 0, 1, 1]) == 0.5
+    assert map_half_accuracy([1e-6, 1.0], [False, True]) == 1.0
