@@ -61,4 +61,3 @@ def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_
     (work / 'vision.pt').unlink()
     assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2
     assert 'vision.pt' in capsys.readouterr().err
-

@@ -38,7 +38,7 @@ def test_answer_positions():
     assert answer_positions('No, there is no anomaly in the image.', WORDS) == []
 
 
-def test_map_verdict_counts_a_score_at_the_level_as_anomalous():
+def test_map_half_counts_a_score_at_the_level_as_anomalous():
     from anomalygpt_edge.benchmarks.metrics import MAP_HALF_LEVEL, map_half_accuracy
     # right: the quiet normal, the defect at the level; wrong: the firing normal, the quiet defect
     assert map_half_accuracy([0.1, 0.7, MAP_HALF_LEVEL, 0.2], [0, 0, 1, 1]) == 0.5

@@ -6,8 +6,8 @@ import torch
 from anomalygpt_edge.models import anomaly_sim, spec
 from anomalygpt_edge.models.anomaly_sim import SimParams
 from anomalygpt_edge.models.synthetic import normal_image
-from anomalygpt_edge.models.synthetic_dataset import (FAINT_STRENGTH, SyntheticAnomalyDataset, collate_pairs, defect_sample,
-                                                      layout_seed, to_clip_tensor, write_mvtec_layout)
+from anomalygpt_edge.models.synthetic_dataset import (FAINT_STRENGTH, SyntheticAnomalyDataset, collate_pairs,
+                                                      defect_sample, layout_seed, to_clip_tensor, write_mvtec_layout)
 
 MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
