@@ -77,6 +77,17 @@ class TrainSettings:
     # Yes/No answer (the LLM answers Yes where the map reaches 0.5: demo_ablation's map >= 0.5 column)
     faint_fraction: float = 0.0
 
+    def __post_init__(self):
+        for name in ('few_shot_fraction', 'foreign_fraction', 'faint_fraction'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ('batch', 'threads', 'checkpoint_every'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ('vision_steps', 'lm_steps'):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
 
 # -- checkpoints ------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, **state) -> None:
@@ -390,9 +401,14 @@ def main(argv=None) -> int:
     from .synthetic import CATEGORIES
     from .synthetic_dataset import SyntheticAnomalyDataset
     from .tokenizer import load_tokenizer, train_sentencepiece
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    s = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    try:
+        s = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    except ValueError as e:   # the message starts with the setting's name: name the flag instead
+        name, _, problem = str(e).partition(' ')
+        ap.error(f"--{name.replace('_', '-')} {problem}")
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
     work = Path(args.work)

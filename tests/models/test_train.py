@@ -120,3 +120,17 @@ def test_boolean_settings_are_flags():
     assert ap.parse_args(['--work', 'w', '--map-agreement']).map_agreement is True
     args = ap.parse_args(['--work', 'w', '--no-cumulative-centres', '--lm-steps', '3'])
     assert args.cumulative_centres is False and args.lm_steps == 3
+
+
+def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsys):
+    from anomalygpt_edge.models.train import TrainSettings, main
+    for flags, message in ((['--faint-fraction', '2'], '--faint-fraction must be in [0, 1], got 2.0'),
+                           (['--foreign-fraction', '-0.1'], '--foreign-fraction must be in [0, 1]'),
+                           (['--batch', '0'], '--batch must be at least 1'),
+                           (['--lm-steps', '-5'], '--lm-steps must not be negative')):
+        with pytest.raises(SystemExit) as e:
+            main(['--work', str(tmp_path / 'w'), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'w').exists()          # refused before anything is written
+    with pytest.raises(ValueError, match='few_shot_fraction'):
+        TrainSettings(few_shot_fraction=1.5)
