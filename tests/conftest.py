@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny tokenizer trained once per session, the tiny model built from it."""
 from __future__ import annotations
 
-
 import pytest
 
 torch = pytest.importorskip('torch')

@@ -237,7 +237,6 @@ def test_verification_catches_a_half_pixel_resize(tiny_model, tmp_path, monkeypa
         export_vision(tiny_model, tmp_path, components=('decoder',))
 
 
-
 def test_decoder_sigmoid_keeps_its_saturated_tail_in_onnx_runtime(exported, tmp_path):
     """A trained map is ~0 on most of a normal surface (logits -20 .. -80): exported, its sigmoid must keep
     float32 relative accuracy there, as PyTorch's does, so pixels rank as in the reference. ONNX Runtime's
