@@ -134,3 +134,13 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
     assert not (tmp_path / 'w').exists()          # refused before anything is written
     with pytest.raises(ValueError, match='few_shot_fraction'):
         TrainSettings(few_shot_fraction=1.5)
+
+
+def test_export_only_records_the_settings_the_model_was_trained_with(tmp_path):
+    import json
+    work, bundle = tmp_path / 'work', tmp_path / 'bundle'
+    assert main(args(work, 1, 1) + ['--lr-vision', '3e-3', '--foreign-fraction', '0.5']) == 0
+    assert main(['--work', str(work), '--config', 'tiny', '--export-only', '--bundle', str(bundle),
+                 '--threshold-images', '0', '--no-verify']) == 0
+    recorded = json.loads((bundle / 'manifest.json').read_text())['model']['source']['settings']
+    assert recorded['lr_vision'] == 3e-3 and recorded['foreign_fraction'] == 0.5 and recorded['vision_steps'] == 1
