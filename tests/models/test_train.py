@@ -127,7 +127,8 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
     for flags, message in ((['--faint-fraction', '2'], '--faint-fraction must be in [0, 1], got 2.0'),
                            (['--foreign-fraction', '-0.1'], '--foreign-fraction must be in [0, 1]'),
                            (['--batch', '0'], '--batch must be at least 1'),
-                           (['--lm-steps', '-5'], '--lm-steps must not be negative')):
+                           (['--lm-steps', '-5'], '--lm-steps must not be negative'),
+                           (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative')):
         with pytest.raises(SystemExit) as e:
             main(['--work', str(tmp_path / 'w'), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -144,3 +145,19 @@ def test_export_only_records_the_settings_the_model_was_trained_with(tmp_path):
                  '--threshold-images', '0', '--no-verify']) == 0
     recorded = json.loads((bundle / 'manifest.json').read_text())['model']['source']['settings']
     assert recorded['lr_vision'] == 3e-3 and recorded['foreign_fraction'] == 0.5 and recorded['vision_steps'] == 1
+
+
+def test_text_warm_up_parts_the_normal_and_abnormal_features_of_every_class(tiny_config):
+    from anomalygpt_edge.models.imagebind import TextTower, init_random
+    from anomalygpt_edge.models.synthetic import CATEGORIES
+    from anomalygpt_edge.models.text_features import class_text_features
+    from anomalygpt_edge.models.train import separate_text_features
+
+    def cosines(tower):
+        with torch.no_grad():
+            return [float(class_text_features(tower, c)[0] @ class_text_features(tower, c)[1]) for c in CATEGORIES]
+    text = TextTower(tiny_config.text)
+    init_random(text, 2)
+    assert min(cosines(text)) > 0.9            # random weights: the two states embed almost alike
+    left = separate_text_features(text, list(CATEGORIES), 50, 5e-4)
+    assert max(cosines(text)) <= 0.0 and left == pytest.approx(sum(cosines(text)) / len(CATEGORIES))
