@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..runtime.answers import position_word
+from ..runtime.answers import locations, position_word
 from .metrics import answer_positions, image_auroc, mean_or_none, pixel_auroc, reference_correct
 
 IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -42,6 +42,9 @@ class ClassReport:
     pixel_auroc: float | None = None
     yes_no_accuracy: float | None = None
     location_accuracy: float | None = None
+    # the location the map itself gives (its largest region at >= 0.5), whatever the LLM answers: the most
+    # any reader of this map could reach
+    map_location_accuracy: float | None = None
     n_single_defect: int = 0
     seconds: float = 0.0
     answers: list = field(default_factory=list, repr=False)
@@ -110,7 +113,7 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
         shots = reference_shots(root, name, k_shot) if k_shot else []
         memory = pipeline.memory(shots) if k_shot else None
         ref_shots = reference_compare.reference_inputs(pipeline, shots) if agreement is not None else None
-        scores, labels, maps, masks, correct, loc_ok = [], [], [], [], [], []
+        scores, labels, maps, masks, correct, loc_ok, map_loc_ok = [], [], [], [], [], [], []
         rep = ClassReport(name)
         for s in samples:
             res = pipeline.inspect(s.path, class_name=cls, memory=memory, llm=llm)
@@ -126,12 +129,14 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
             masks.append(gt)
             if not llm and res.verdict in ('yes', 'no'):  # a calibrated threshold's verdict (LLM-free mode)
                 correct.append((res.verdict == 'yes') == s.anomalous)
+            want = None
+            if s.anomalous and cv2.connectedComponents(gt)[0] == 2:  # one defect region
+                ys, xs = np.nonzero(gt)
+                want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], words)
+                map_loc_ok.append(locations(res.anomaly_map, words)[:1] == [want])
             if llm:
                 correct.append(reference_correct(res.answer, s.anomalous))
-                n_regions, _ = cv2.connectedComponents(gt)
-                if s.anomalous and n_regions == 2:  # one defect region
-                    ys, xs = np.nonzero(gt)
-                    want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], words)
+                if want is not None:
                     loc_ok.append(answer_positions(res.answer, words) == [want])
                 rep.answers.append({'image': str(s.path), 'answer': res.answer, 'verdict': res.verdict,
                                     'score': res.score, 'anomalous': s.anomalous})
@@ -142,12 +147,13 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
         rep.pixel_auroc = pixel_auroc(maps, masks)
         rep.yes_no_accuracy = float(np.mean(correct)) if correct else None
         rep.location_accuracy = float(np.mean(loc_ok)) if loc_ok else None
-        rep.n_single_defect = len(loc_ok)
+        rep.map_location_accuracy = float(np.mean(map_loc_ok)) if map_loc_ok else None
+        rep.n_single_defect = len(map_loc_ok)
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
     if bar is not None:
         bar.close()
-    keys = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy')
+    keys = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_location_accuracy')
     out = {
         'k_shot': k_shot,
         'classes': {r.name: {k: getattr(r, k) for k in ('n_images', 'n_single_defect', 'seconds') + keys}

@@ -38,3 +38,29 @@ def test_report_matches_sklearn_on_the_collected_scores(dataset, tiny_bundle):
     assert r['yes_no_accuracy'] is not None and len(report['answers']['woven_fabric']) == 7
     assert report['mean']['image_auroc'] == r['image_auroc']
     assert '| woven_fabric | 7 |' in markdown(report)
+
+
+class _MapRunner:
+    """A pipeline stand-in whose zero-shot map is a given function of the ground-truth mask (no LLM)."""
+    from anomalygpt_edge.models.spec import POSITION_WORDS
+    prompt = {'location_words': POSITION_WORDS}
+
+    def __init__(self, root, to_map):
+        from anomalygpt_edge.benchmarks.evaluate import load_mask
+        self.masks = {str(s.path): load_mask(s.mask) for v in discover(root).values() for s in v}
+        self.to_map = to_map
+
+    def inspect(self, path, class_name, memory=None, llm=True):
+        from types import SimpleNamespace
+        amap = self.to_map(self.masks[str(path)].astype('float32'))
+        return SimpleNamespace(score=float(amap.max()), anomaly_map=amap, verdict=None, answer=None)
+
+
+def test_map_location_is_the_cell_of_the_maps_own_region(dataset):
+    import numpy as np
+    exact = evaluate(_MapRunner(dataset, lambda gt: gt), dataset, llm=False, progress=False)
+    blank = evaluate(_MapRunner(dataset, np.zeros_like), dataset, llm=False, progress=False)
+    r = exact['classes']['woven_fabric']
+    assert r['n_single_defect'] >= 1 and r['location_accuracy'] is None    # no LLM, no answer to score
+    assert r['map_location_accuracy'] == 1.0                # a map equal to the label names its cell
+    assert blank['classes']['woven_fabric']['map_location_accuracy'] == 0.0   # a map showing nothing names none
