@@ -43,7 +43,7 @@ class ClassReport:
     yes_no_accuracy: float | None = None
     location_accuracy: float | None = None
     # the location the map itself gives (its largest region at >= 0.5), whatever the LLM answers: the most
-    # any reader of this map could reach
+    # any reader of this map could reach (0.5 is the zero-shot map's midpoint; few-shot maps have their own scale)
     map_location_accuracy: float | None = None
     n_single_defect: int = 0
     seconds: float = 0.0
