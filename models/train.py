@@ -41,8 +41,8 @@ _STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
 class TrainSettings:
     seed: int = 0
     batch: int = 8
-    # 3500 + 1150 steps: 25-26 + 5-5.5 min on 2 cores, at the edge of the demo's 30-minute budget (the time
-    # varies with the machine's load). 3200 vision steps fit it (23.5 min) but measured worse on the
+    # 3500 + 1150 steps: 25-28 + 5-5.5 min on 2 cores, at the edge of the demo's 30-minute budget (the time
+    # varies from run to run on the same machine). 3200 vision steps fit it (23.5 min) but measured worse on the
     # validation set in one run (map >= 0.5 accuracy 0.807 vs 0.860, location 0.18 vs 0.51)
     vision_steps: int = 3500
     lm_steps: int = 1150
