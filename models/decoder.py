@@ -31,14 +31,15 @@ def upsample(grid: torch.Tensor, size: int = spec.IMAGE_SIZE) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode='bilinear', align_corners=True)
 
 
-def layer_logits(decoder: LinearLayer, taps, text_features: torch.Tensor):
+def layer_logits(decoder: LinearLayer, taps, text_features: torch.Tensor, scale: float = spec.LOGIT_SCALE):
     """Per tapped layer, the upsampled [normal, abnormal] logits [B,2,224,224].
 
-    ``text_features`` is [2,E] (one class for the batch) or [B,2,E]."""
+    ``text_features`` is [2,E] (one class for the batch) or [B,2,E]. ``scale``: the reference's 100 in
+    every graph; training may use less early on (``models.train.logit_scale``)."""
     out = []
     for feats in decoder(taps):
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        logits = 100.0 * feats @ text_features.transpose(-1, -2)
+        logits = scale * feats @ text_features.transpose(-1, -2)
         out.append(upsample(_to_grid(logits)))
     return out
 

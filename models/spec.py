@@ -11,6 +11,8 @@ PATCH_GRID = 16  # 224 / 14
 N_TAPS = 4
 N_PROMPTS = 18  # 9 learned base prompts + 9 derived from the 3x3 conv output
 N_BASE_PROMPTS = 9
+# the zero-shot decoder's logits: this times the cosine of patch and text features (spec section 3.3)
+LOGIT_SCALE = 100.0
 
 # Conversation format (spec section 6). Each text segment is tokenised on its own,
 # without special tokens; BOS is added by hand.

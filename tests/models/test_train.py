@@ -128,7 +128,8 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
                            (['--foreign-fraction', '-0.1'], '--foreign-fraction must be in [0, 1]'),
                            (['--batch', '0'], '--batch must be at least 1'),
                            (['--lm-steps', '-5'], '--lm-steps must not be negative'),
-                           (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative')):
+                           (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative'),
+                           (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative')):
         with pytest.raises(SystemExit) as e:
             main(['--work', str(tmp_path / 'w'), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -161,3 +162,26 @@ def test_text_warm_up_parts_the_normal_and_abnormal_features_of_every_class(tiny
     assert min(cosines(text)) > 0.9            # random weights: the two states embed almost alike
     left = separate_text_features(text, list(CATEGORIES), 50, 5e-4)
     assert max(cosines(text)) <= 0.0 and left == pytest.approx(sum(cosines(text)) / len(CATEGORIES))
+
+
+def test_logit_scale_ramp_rises_evenly_in_log_scale_to_the_reference_scale():
+    from anomalygpt_edge.models import spec
+    from anomalygpt_edge.models.train import LOGIT_SCALE_START, logit_scale
+    assert logit_scale(0, 1000) == LOGIT_SCALE_START < spec.LOGIT_SCALE
+    assert logit_scale(500, 1000) == pytest.approx((LOGIT_SCALE_START * spec.LOGIT_SCALE) ** 0.5)  # geometric mean
+    assert logit_scale(1000, 1000) == logit_scale(5000, 1000) == logit_scale(0, 0) == spec.LOGIT_SCALE
+    ramp = [logit_scale(t, 1000) for t in range(0, 1001, 50)]
+    assert all(a < b for a, b in zip(ramp, ramp[1:]))
+
+
+def test_vision_stage_trains_with_the_ramped_logit_scale(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import decoder, spec, train
+    seen = []
+
+    def spy(dec, taps, tf, scale=spec.LOGIT_SCALE):
+        seen.append(scale)
+        return decoder.layer_logits(dec, taps, tf, scale)
+    monkeypatch.setattr(train, 'layer_logits', spy)
+    assert main(args(tmp_path / 'w', 3, 0) + ['--logit-scale-ramp-steps', '2']) == 0
+    assert seen == pytest.approx([train.LOGIT_SCALE_START, (train.LOGIT_SCALE_START * spec.LOGIT_SCALE) ** 0.5,
+                                  spec.LOGIT_SCALE])
