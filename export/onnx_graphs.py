@@ -147,7 +147,7 @@ class DecoderGraph(nn.Module):
         feats = torch.matmul(taps, self.weight) + self.bias              # [B,4,256,E]
         feats = feats / feats.norm(dim=-1, keepdim=True)                 # no eps, as the reference
         direction = text_features[1] - text_features[0]                  # abnormal - normal
-        logit = 100.0 * torch.matmul(feats, direction)                   # [B,4,256]
+        logit = spec.LOGIT_SCALE * torch.matmul(feats, direction)        # [B,4,256]
         logit = logit.reshape(logit.shape[0], logit.shape[1], self.grid, self.grid)
         return logistic(upsample(logit, self.size)).mean(dim=1, keepdim=True)
 

@@ -85,10 +85,10 @@ class TrainSettings:
     # ~750 steps (text warm-up, separation weight 10, seeds 1 unclamped and 2) stalled or ended high, while those
     # that stayed near 5 for 1000 steps or more (seed 0 unclamped, seed 3) ended lowest (1.63, 1.70). Imposed by
     # a ramp it did not help: seed 0, ramp 1500, the loss was 3.2-3.3 over steps 2250-3250 (1.7-2.1 for the
-    # unclamped seed 0 without it) and
-    # at 3000 steps its maps measured image / pixel AUROC 0.863 / 0.892 and map >= 0.5 accuracy 0.74 on the
-    # validation set, with 35 % of normal images firing (shipped: 0.904 / 0.871 / 0.860). At the low scale the
-    # text tower made up for it: the two states' features ended opposite (cosine -0.97 to -1.0), logit gaps +-200
+    # unclamped seed 0 without it) and at 3000 steps its maps measured image / pixel AUROC 0.863 / 0.892 and
+    # map >= 0.5 accuracy 0.74 on the validation set, with 35 % of normal images firing (shipped: 0.904 / 0.871
+    # / 0.860). At the low scale the text tower made up for it: the two states' features ended opposite
+    # (cosine -0.97 to -1.0), logit gaps +-200
     logit_scale_ramp_steps: int = 0
     few_shot_fraction: float = 0.5
     # LM loss weights of the few answer tokens that depend on the image: the Yes/No token, and the count
