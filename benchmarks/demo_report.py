@@ -26,12 +26,6 @@ TARGETS = {'image_auroc': ('image AUROC', 0.97), 'pixel_auroc': ('pixel AUROC', 
 
 
 def main(argv=None) -> int:
-    from ..models.synthetic import CATEGORIES
-    from ..models.synthetic_dataset import write_mvtec_layout
-    from ..runtime.pipeline import Pipeline
-    from .evaluate import evaluate, markdown
-    from .metrics import map_half_accuracy, mean_or_none
-    from .reference_compare import reference_for
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--bundle', required=True)
     ap.add_argument('--work', help='training directory (final.pt, tokenizer) for the reference comparison')
@@ -44,13 +38,50 @@ def main(argv=None) -> int:
                          'one table each, e.g. a --maps-only comparison of vision stages and one of whole recipes)')
     ap.add_argument('--history', help='a markdown file: how this particular model was trained (resumes, machine '
                                       'load), for the card')
+    ap.add_argument('--from-results', action='store_true',
+                    help="measure nothing: re-render the card from OUT/results.json, the bundle's figures as they "
+                         'were measured, with these --ablation tables and --history (for a recipe measured after the '
+                         'bundle, when the checkpoint the bundle came from is gone)')
     args = ap.parse_args(argv)
+    if args.from_results and (args.work or args.samples):
+        ap.error('--from-results measures nothing: it takes neither --work nor --samples')
     for flag, path in [*(('--ablation', a) for a in args.ablation), ('--history', args.history)]:
         if path and not Path(path).is_file():
             print(f"demo_report: {flag} {path}: no such file", file=sys.stderr)
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        try:
+            results = json.loads((out / 'results.json').read_text())
+        except (OSError, ValueError) as e:
+            print(f"demo_report: {out / 'results.json'}: {e}", file=sys.stderr)
+            return 2
+    else:
+        results = measure_bundle(args)
+    if args.ablation:
+        results['ablation'] = []
+        for path in args.ablation:
+            ablation = json.loads(Path(path).read_text())
+            results['ablation'].append({'maps_only': bool(ablation.get('maps_only')), 'held_out': ablation.get('held_out'),
+                                        'table': ablation['table'],
+                                        'runs': {k: v['mean'] for k, v in ablation['runs'].items()}})
+    if args.history:
+        results['history'] = Path(args.history).read_text().strip()
+    _atomic_write(out / 'results.json', json.dumps(results, indent=1))
+    _atomic_write(out / 'MODEL_CARD.md', model_card(results, json.loads((Path(args.bundle) / 'manifest.json').read_text())))
+    return 0
+
+
+def measure_bundle(args) -> dict:
+    """The bundle's held-out figures through the runtime (0- and 1-shot, the reference beside, the
+    LLM-free verdicts) and, with ``--samples``, the demo samples."""
+    from ..models.synthetic import CATEGORIES
+    from ..models.synthetic_dataset import write_mvtec_layout
+    from ..runtime.pipeline import Pipeline
+    from .evaluate import evaluate, markdown
+    from .metrics import map_half_accuracy, mean_or_none
+    from .reference_compare import reference_for
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / 'heldout'
         write_mvtec_layout(root, list(CATEGORIES), n_train_good=16, n_test_good=args.good,
@@ -76,18 +107,7 @@ def main(argv=None) -> int:
             results['threshold'] = {'mean': rep['mean'], 'table': markdown(rep)}
             if args.samples:
                 results['samples'] = write_samples(pipe, root, Path(args.samples), list(CATEGORIES))
-    if args.ablation:
-        results['ablation'] = []
-        for path in args.ablation:
-            ablation = json.loads(Path(path).read_text())
-            results['ablation'].append({'maps_only': bool(ablation.get('maps_only')), 'held_out': ablation.get('held_out'),
-                                        'table': ablation['table'],
-                                        'runs': {k: v['mean'] for k, v in ablation['runs'].items()}})
-    if args.history:
-        results['history'] = Path(args.history).read_text().strip()
-    _atomic_write(out / 'results.json', json.dumps(results, indent=1))
-    _atomic_write(out / 'MODEL_CARD.md', model_card(results, json.loads((Path(args.bundle) / 'manifest.json').read_text())))
-    return 0
+    return results
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -144,8 +144,15 @@ def test_export_only_records_the_settings_the_model_was_trained_with(tmp_path):
     assert main(args(work, 1, 1) + ['--lr-vision', '3e-3', '--foreign-fraction', '0.5']) == 0
     assert main(['--work', str(work), '--config', 'tiny', '--export-only', '--bundle', str(bundle),
                  '--threshold-images', '0', '--no-verify']) == 0
-    recorded = json.loads((bundle / 'manifest.json').read_text())['model']['source']['settings']
+    source = json.loads((bundle / 'manifest.json').read_text())['model']['source']
+    recorded = source['settings']
     assert recorded['lr_vision'] == 3e-3 and recorded['foreign_fraction'] == 0.5 and recorded['vision_steps'] == 1
+    # and the environment it was trained in: the weights depend on it, not on the recipe alone
+    import cv2
+    packages = source['environment']['packages']
+    assert packages['torch'].startswith(torch.__version__.split('+')[0])
+    assert packages['opencv-python-headless'].startswith(cv2.__version__)
+    assert source['environment']['cpu']
 
 
 def test_text_warm_up_parts_the_normal_and_abnormal_features_of_every_class(tiny_config):
@@ -185,3 +192,4 @@ def test_vision_stage_trains_with_the_ramped_logit_scale(tmp_path, monkeypatch):
     assert main(args(tmp_path / 'w', 3, 0) + ['--logit-scale-ramp-steps', '2']) == 0
     assert seen == pytest.approx([train.LOGIT_SCALE_START, (train.LOGIT_SCALE_START * spec.LOGIT_SCALE) ** 0.5,
                                   spec.LOGIT_SCALE])
+

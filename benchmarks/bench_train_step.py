@@ -1,0 +1,97 @@
+"""Stage 1's training step of the demo recipe (``models/train.py``), timed side by side for model configs.
+
+  python -m anomalygpt_edge.benchmarks.bench_train_step [--configs small,small-p16] [--rounds N] [--json OUT]
+
+Compute only: the batches are simulated before the clock starts (in training a loader process makes
+them beside the step). The variants take turns, ``--steps`` steps each per round, so a drift of the
+machine's speed falls on all of them alike; each gets its own model and optimiser, from the same seed.
+The first variant is the baseline of the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .bench_stats import summarize
+
+
+def run(configs=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup: int = 2,
+        threads: int = 2, batch: int = 8, progress: bool = True) -> dict:
+    import torch
+
+    from ..models import train
+    from ..models.synthetic import CATEGORIES
+    from ..models.synthetic_dataset import SyntheticAnomalyDataset
+    from ..models.tokenizer import train_sentencepiece
+    from .machine import machine_info
+    torch.set_num_threads(threads)
+    s = train.TrainSettings(batch=batch, threads=threads)
+    ds = SyntheticAnomalyDataset(64, seed=s.seed, cache_normals=True, foreign_fraction=s.foreign_fraction)
+    batches = list(itertools.islice(train._batches(ds, batch, s.seed, workers=0), 8))
+    names = list(configs)
+    times = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / 'tokenizer'
+        train_sentencepiece(tok, train.demo_corpus(CATEGORIES), vocab_size=600)
+        runs = {}
+        for config in names:
+            torch.manual_seed(s.seed)
+            model, text = train.build_small(tok, s.seed, config)
+            model.visual_encoder.train(), model.image_decoder.train(), text.train()
+            params = train.vision_stage_params(model, text)
+            runs[config] = (model, text, params, train.vision_optimizer(params, s))
+        cycle = itertools.cycle(batches)
+        for r in range(rounds):
+            for name in names:
+                model, text, params, opt = runs[name]
+                for i in range(steps + (warmup if r == 0 else 0)):
+                    t0 = time.perf_counter()
+                    train.optimizer_step(train.vision_loss(model, text, next(cycle), i, s), params, opt)
+                    if r > 0 or i >= warmup:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+                if progress:
+                    print(f"round {r + 1}/{rounds} {name}: "
+                          f"{sorted(times[name])[len(times[name]) // 2]:.0f} ms", file=sys.stderr)
+    base = summarize(times[names[0]])['median']
+    rows = []
+    for config in names:
+        st = summarize(times[config])
+        rows.append({'config': config, 'step_ms': st,
+                     'speedup_vs_first': round(base / st['median'], 3)})
+    return {'benchmark': 'stage-1 training step (compute only)', 'machine': machine_info(), 'threads': threads,
+            'batch': batch, 'steps_per_round': steps, 'rounds': rounds, 'variants': rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.benchmarks.bench_train_step',
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--configs', default='small,small-p16',
+                    help='comma-separated model configs; the first is the baseline (default: %(default)s)')
+    ap.add_argument('--steps', type=int, default=10, help='timed steps per variant per round (default: %(default)s)')
+    ap.add_argument('--rounds', type=int, default=3, help='(default: %(default)s)')
+    ap.add_argument('--threads', type=int, default=2, help='(default: %(default)s)')
+    ap.add_argument('--batch', type=int, default=8, help='(default: %(default)s)')
+    ap.add_argument('--json', help='write the report here')
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        ap.error('--steps and --rounds must be at least 1')
+    from ..models.config import CONFIGS
+    configs = [c.strip() for c in args.configs.split(',')]
+    if bad := [c for c in configs if c not in CONFIGS]:
+        ap.error(f"--configs: unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
+    report = run(configs, args.steps, args.rounds, threads=args.threads, batch=args.batch)
+    if args.json:
+        from ..runtime.engines import write_json_atomic
+        write_json_atomic(Path(args.json), report)
+    for row in report['variants']:
+        print(f"{row['config']:>12}  median {row['step_ms']['median']:7.1f} ms  "
+              f"x{row['speedup_vs_first']:.2f}")
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The demo model card re-rendered from its stored figures (``--from-results``) is the committed card,
+and takes a new history without measuring."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from anomalygpt_edge.benchmarks import demo_report
+
+DEMO = Path(__file__).resolve().parents[2] / 'runtime' / 'demo'
+
+
+@pytest.fixture
+def out(tmp_path):
+    shutil.copy(DEMO / 'results.json', tmp_path / 'results.json')
+    return tmp_path
+
+
+def test_re_rendering_the_stored_figures_gives_the_committed_card(out):
+    assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--from-results']) == 0
+    assert (out / 'MODEL_CARD.md').read_text() == (DEMO / 'MODEL_CARD.md').read_text()
+
+
+def test_a_new_history_reaches_the_card_and_the_results(out):
+    history = out / 'history.md'
+    history.write_text('retrained on a quiet day in 12.3 min\n')
+    assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--from-results',
+                             '--history', str(history)]) == 0
+    assert 'retrained on a quiet day in 12.3 min' in (out / 'MODEL_CARD.md').read_text()
+    stored = json.loads((out / 'results.json').read_text())
+    assert stored['history'] == 'retrained on a quiet day in 12.3 min'
+    assert stored['0_shot'] == json.loads((DEMO / 'results.json').read_text())['0_shot']   # nothing re-measured
+
+
+def test_from_results_takes_no_checkpoint(out, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--from-results', '--work', str(out)])
+    assert e.value.code == 2 and '--from-results' in capsys.readouterr().err
+
+
+def test_missing_results_are_named(tmp_path, capsys):
+    assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(tmp_path), '--from-results']) == 2
+    assert 'results.json' in capsys.readouterr().err
