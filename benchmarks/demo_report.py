@@ -5,7 +5,8 @@
 Held-out set: a new seed, and defect kinds the training never used (thin scratches, colour stains,
 holes; training only saw pasted patches). Measured through the runtime (ONNX Runtime + llama.cpp),
 zero-shot and 1-shot; the runtime's greedy answers are compared with the PyTorch reference's
-(rebuilt from the training checkpoint in WORK) on every image.
+(rebuilt from the training checkpoint in WORK) on every image. ``--from-results`` measures nothing and
+re-renders the card from OUT/results.json with new ``--ablation`` tables or ``--history``.
 """
 from __future__ import annotations
 
