@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--bundle', required=True)
     ap.add_argument('--work', help='training directory (final.pt, tokenizer) for the reference comparison')
-    ap.add_argument('--out', required=True, help='where to write results.json and results.md')
+    ap.add_argument('--out', required=True, help='where to write results.json and MODEL_CARD.md')
     ap.add_argument('--per-kind', type=int, default=6, help='held-out images per defect kind and class')
     ap.add_argument('--good', type=int, default=12, help='held-out normal images per class')
     ap.add_argument('--samples', help='also copy a few held-out images here as demo samples')

@@ -47,8 +47,9 @@ class TrainSettings:
     seed: int = 0
     batch: int = 8
     # 3500 + 1150 steps: 25-28 + 5-5.5 min on 2 cores, at the edge of the demo's 30-minute budget (the time
-    # varies from run to run on the same machine; on a slow day the vision stage took 34.3 min). 3200 vision steps fit it (23.5 min) but measured worse on the
-    # validation set in one run (map >= 0.5 accuracy 0.807 vs 0.860, location 0.18 vs 0.51)
+    # varies from run to run on the same machine; on a slow day the vision stage took 34.3 min). 3200 vision
+    # steps fit it (23.5 min) but measured worse on the validation set in one run (map >= 0.5 accuracy 0.807
+    # vs 0.860, location 0.18 vs 0.51)
     vision_steps: int = 3500
     lm_steps: int = 1150
     # validation set (demo_ablation --seed 2000), 3500 steps: 5e-4 gives map >= 0.5 accuracy 0.860 and image

@@ -192,4 +192,3 @@ def test_vision_stage_trains_with_the_ramped_logit_scale(tmp_path, monkeypatch):
     assert main(args(tmp_path / 'w', 3, 0) + ['--logit-scale-ramp-steps', '2']) == 0
     assert seen == pytest.approx([train.LOGIT_SCALE_START, (train.LOGIT_SCALE_START * spec.LOGIT_SCALE) ** 0.5,
                                   spec.LOGIT_SCALE])
-
