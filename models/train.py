@@ -92,6 +92,10 @@ class TrainSettings:
     # / 0.860). At the low scale the text tower made up for it: the two states' features ended opposite
     # (cosine -0.97 to -1.0), logit gaps +-200
     logit_scale_ramp_steps: int = 0
+    # stage 1 leaves the text tower as initialised, as the reference leaves ImageBind's (frozen): the two
+    # states' features stay at their initial cosine (~0.99 per class), so the decoder's logit gap can reach
+    # ~14 from step 0 and cannot be pulled towards 0 as stage 1's first steps otherwise do
+    frozen_text: bool = False
     few_shot_fraction: float = 0.5
     # LM loss weights of the few answer tokens that depend on the image: the Yes/No token, and the count
     # and position words (the ~15 other, template tokens of an answer weigh 1)
@@ -231,27 +235,36 @@ def logit_scale(step: int, ramp_steps: int) -> float:
     return LOGIT_SCALE_START * (spec.LOGIT_SCALE / LOGIT_SCALE_START) ** (step / ramp_steps)
 
 
-def vision_stage_params(model: AnomalyGPT, text: TextTower) -> list:
-    return [*model.visual_encoder.parameters(), *model.image_decoder.parameters(), *text.parameters()]
+def vision_stage_params(model: AnomalyGPT, text: TextTower, train_text: bool = True) -> list:
+    params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters()]
+    return params + [*text.parameters()] if train_text else params
 
 
 def vision_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=s.lr_vision, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
 
 
-def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: TrainSettings) -> torch.Tensor:
+def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: TrainSettings,
+                text_table: dict | None = None) -> torch.Tensor:
     """Stage 1's loss on one batch of :func:`_batches`: focal + dice on the 4 layer maps, plus the text
-    features' separation term."""
-    feats = {c: class_text_features(text, c) for c in set(b['categories'])}
+    features' separation term. ``text_table``: fixed per-class features of a frozen text tower (no
+    separation term then: it would be a constant)."""
+    if text_table is None:
+        # sorted: a set's order follows the interpreter's string hashing, which changes with every process,
+        # and with it the order of the float sums, so the same seed trained a different model each run
+        feats = {c: class_text_features(text, c) for c in sorted(set(b['categories']))}
+        separation = s.separation_weight * separation_loss(feats)
+    else:
+        feats, separation = text_table, 0.0
     tf = torch.stack([feats[c] for c in b['categories']])
     _, taps = model.visual_encoder(b['images'])
     logits = layer_logits(model.image_decoder, taps, tf, logit_scale(step, s.logit_scale_ramp_steps))
-    return pixel_loss(logits, b['masks'], s.clamped_focal) + s.separation_weight * separation_loss(feats)
+    return pixel_loss(logits, b['masks'], s.clamped_focal) + separation
 
 
 def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> float:
     """Stage 1; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
-    params = vision_stage_params(model, text)
+    params = vision_stage_params(model, text, train_text=not s.frozen_text)
     opt = vision_optimizer(params, s)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
@@ -266,8 +279,13 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
         left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision)
         seconds += time.time() - t0
         log.info("text warm-up: normal/abnormal cosine %.3f", left)
+    table = None
+    if s.frozen_text:
+        text.eval().requires_grad_(False)
+        with torch.no_grad():
+            table = {c: class_text_features(text, c) for c in dataset.categories}
     seconds = _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start),
-                   lambda b, step: vision_loss(model, text, b, step, s), params, opt, s.checkpoint_every,
+                   lambda b, step: vision_loss(model, text, b, step, s, table), params, opt, s.checkpoint_every,
                    lambda step, sec: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
                                                      opt=opt.state_dict(), step=step, seconds=sec), seconds)
     model.eval(), text.eval()

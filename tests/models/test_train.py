@@ -192,3 +192,40 @@ def test_vision_stage_trains_with_the_ramped_logit_scale(tmp_path, monkeypatch):
     assert main(args(tmp_path / 'w', 3, 0) + ['--logit-scale-ramp-steps', '2']) == 0
     assert seen == pytest.approx([train.LOGIT_SCALE_START, (train.LOGIT_SCALE_START * spec.LOGIT_SCALE) ** 0.5,
                                   spec.LOGIT_SCALE])
+
+
+def _vision_weights_after_training_in_a_process_with_hash_seed(work, hash_seed: int) -> dict:
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, '-m', 'anomalygpt_edge.models.train', '--work', str(work), '--config', 'tiny',
+           '--vision-steps', '2', '--lm-steps', '0', '--samples', '8', '--batch', '8', '--threads', '1']
+    env = {**os.environ, 'PYTHONHASHSEED': str(hash_seed)}
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    state = load_checkpoint(work / 'vision.pt')
+    return {**state['model'], **{'text.' + k: v for k, v in state['text'].items()}}
+
+
+def test_the_same_seed_trains_the_same_weights_whatever_the_string_hashing(tmp_path):
+    # batches of 4 pairs hold several classes: their text features were once computed in a set's order
+    a = _vision_weights_after_training_in_a_process_with_hash_seed(tmp_path / 'a', 1)
+    b = _vision_weights_after_training_in_a_process_with_hash_seed(tmp_path / 'b', 2)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_frozen_text_trains_the_vision_tower_and_leaves_the_text_tower_as_initialised(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import train
+    built = {}
+
+    def build(*a, **kw):
+        model, text = train_build(*a, **kw)
+        built['text'] = {k: v.clone() for k, v in text.state_dict().items()}
+        built['vision'] = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('visual_encoder.')}
+        return model, text
+    train_build = train.build_small
+    monkeypatch.setattr(train, 'build_small', build)
+    assert main(args(tmp_path / 'w', 2, 0) + ['--frozen-text']) == 0
+    state = load_checkpoint(tmp_path / 'w' / 'vision.pt')
+    assert all(torch.equal(v, built['text'][k]) for k, v in state['text'].items())
+    assert any(not torch.equal(state['model'][k], v) for k, v in built['vision'].items())
