@@ -30,6 +30,7 @@ from .config import ModelConfig, get_config
 from .decoder import few_shot_map_matmul, layer_logits
 from .imagebind import TextTower, init_random
 from .losses import pixel_loss
+from .patch_probe import PatchProbe, patch_targets, probe_loss
 from .text_features import class_text_features
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class TrainSettings:
     # the best of five seeds of this recipe on the validation set (map >= 0.5 accuracy 0.860): seed 1's vision
     # stage measured 0.693, seed 4's 0.680, seed 3's full model 0.773 (Yes/No 0.780); seed 2 was stopped at step
     # 2000 with a loss of 2.70 (seed 3: 2.10). The mean loss of the last 500 steps ranks them as validation does
-    # (seed 0 1.55, seed 3 1.70, seed 4 2.08). Rerun in a fresh environment (same code path), seed 0 ended at 2.15
-    # with maps of 0.700: the environment decides too (training_environment)
+    # (seed 0 1.55, seed 3 1.70, seed 4 2.08). Rerun (same code path), seed 0 ended at 2.15 with maps of 0.700:
+    # stage 1 then summed a batch's text features in an order that changed with each process's string hashing,
+    # so a seed fixed no model; it does now, within one environment (training_environment)
     seed: int = 0
     batch: int = 8
     # 3500 + 1150 steps: 25-28 + 5-5.5 min on 2 cores, at the edge of the demo's 30-minute budget (the time
@@ -96,6 +98,9 @@ class TrainSettings:
     # states' features stay at their initial cosine (~0.99 per class), so the decoder's logit gap can reach
     # ~14 from step 0 and cannot be pulled towards 0 as stage 1's first steps otherwise do
     frozen_text: bool = False
+    # weight of a training-only loss on a linear per-patch probe of each tapped layer (models/patch_probe.py;
+    # 0: off). Not the reference's: it stands in for the pretraining a tower from scratch lacks
+    probe_weight: float = 0.0
     few_shot_fraction: float = 0.5
     # LM loss weights of the few answer tokens that depend on the image: the Yes/No token, and the count
     # and position words (the ~15 other, template tokens of an answer weigh 1)
@@ -130,7 +135,7 @@ class TrainSettings:
         for name in ('batch', 'threads', 'checkpoint_every'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ('vision_steps', 'lm_steps', 'text_warmup_steps', 'logit_scale_ramp_steps'):
+        for name in ('vision_steps', 'lm_steps', 'text_warmup_steps', 'logit_scale_ramp_steps', 'probe_weight'):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -245,10 +250,10 @@ def vision_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
 
 
 def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: TrainSettings,
-                text_table: dict | None = None) -> torch.Tensor:
+                text_table: dict | None = None, probe: PatchProbe | None = None) -> torch.Tensor:
     """Stage 1's loss on one batch of :func:`_batches`: focal + dice on the 4 layer maps, plus the text
     features' separation term. ``text_table``: fixed per-class features of a frozen text tower (no
-    separation term then: it would be a constant)."""
+    separation term then: it would be a constant). ``probe``: adds ``s.probe_weight`` x its loss."""
     if text_table is None:
         # sorted: a set's order follows the interpreter's string hashing, which changes with every process,
         # and with it the order of the float sums, so the same seed trained a different model each run
@@ -259,17 +264,28 @@ def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: Train
     tf = torch.stack([feats[c] for c in b['categories']])
     _, taps = model.visual_encoder(b['images'])
     logits = layer_logits(model.image_decoder, taps, tf, logit_scale(step, s.logit_scale_ramp_steps))
-    return pixel_loss(logits, b['masks'], s.clamped_focal) + separation
+    loss = pixel_loss(logits, b['masks'], s.clamped_focal) + separation
+    if probe is not None:
+        loss = loss + s.probe_weight * probe_loss(probe(taps), patch_targets(b['masks'], model.cfg.vision.grid))
+    return loss
 
 
 def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> float:
     """Stage 1; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
     params = vision_stage_params(model, text, train_text=not s.frozen_text)
+    probe = None
+    if s.probe_weight:
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed + 5)
+            probe = PatchProbe(model.cfg.vision.width, len(model.cfg.vision.taps)).train()
+        params += list(probe.parameters())
     opt = vision_optimizer(params, s)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'], strict=False)
         text.load_state_dict(state['text'])
+        if probe is not None:
+            probe.load_state_dict(state['probe'])
         opt.load_state_dict(state['opt'])
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
@@ -285,9 +301,11 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
         with torch.no_grad():
             table = {c: class_text_features(text, c) for c in dataset.categories}
     seconds = _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start),
-                   lambda b, step: vision_loss(model, text, b, step, s, table), params, opt, s.checkpoint_every,
+                   lambda b, step: vision_loss(model, text, b, step, s, table, probe), params, opt,
+                   s.checkpoint_every,
                    lambda step, sec: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
-                                                     opt=opt.state_dict(), step=step, seconds=sec), seconds)
+                                                     opt=opt.state_dict(), step=step, seconds=sec,
+                                                     **({'probe': probe.state_dict()} if probe else {})), seconds)
     model.eval(), text.eval()
     return seconds
 
@@ -491,9 +509,9 @@ TRAINING_PACKAGES = ('torch', 'numpy', 'opencv-python-headless', 'scipy', 'sente
 
 
 def training_environment() -> dict:
-    """The CPU and package versions of a training run, recorded with the model. The recipe and the seed alone
-    do not fix the weights: the shipped demo recipe, rerun in a fresh environment of the same machine type,
-    ended with a different and worse model (the model card's history)."""
+    """The CPU and package versions of a training run, recorded with the model: the recipe and the seed fix
+    the weights in one environment (every process of it trains the same ones), other package versions or CPU
+    kernels may round differently, and stage 1 amplifies such differences into another model."""
     from ..benchmarks.machine import cpu_detail, cpu_model, versions
     return {'cpu': cpu_model(), 'simd': cpu_detail().get('simd'), 'packages': versions(TRAINING_PACKAGES)}
 
