@@ -1,6 +1,8 @@
-"""Stage 1's training step of the demo recipe (``models/train.py``), timed side by side for model configs.
+"""Stage 1's training step of the demo recipe (``models/train.py``), timed side by side for variants: a model
+config, optionally with training settings (``TrainSettings`` fields) after ``+``.
 
-  python -m anomalygpt_edge.benchmarks.bench_train_step [--configs small,small-p16] [--rounds N] [--json OUT]
+  python -m anomalygpt_edge.benchmarks.bench_train_step [--variants small,small-p16,small+frozen_text]
+      [--rounds N] [--json OUT]
 
 Compute only: the batches are simulated before the clock starts (in training a loader process makes
 them beside the step). The variants take turns, ``--steps`` steps each per round, so a drift of the
@@ -10,6 +12,7 @@ The first variant is the baseline of the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import tempfile
@@ -19,7 +22,30 @@ from pathlib import Path
 from .bench_stats import summarize
 
 
-def run(configs=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup: int = 2,
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """``CONFIG[+SETTING[=VALUE]]...`` -> (config, settings); a boolean setting alone means true."""
+    from ..models.train import TrainSettings
+    config, *pairs = variant.split('+')
+    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    settings = {}
+    for pair in pairs:
+        name, eq, value = pair.partition('=')
+        if name not in fields:
+            raise ValueError(f"{variant}: unknown setting {name!r}")
+        default = fields[name]
+        if isinstance(default, bool):
+            if eq and value.lower() not in ('true', 'false'):
+                raise ValueError(f"{variant}: {name} takes true or false, not {value!r}")
+            settings[name] = not eq or value.lower() == 'true'
+        else:
+            try:
+                settings[name] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"{variant}: {name} takes a {type(default).__name__}, not {value!r}") from None
+    return config, settings
+
+
+def run(variants=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup: int = 2,
         threads: int = 2, batch: int = 8, progress: bool = True) -> dict:
     import torch
 
@@ -32,25 +58,28 @@ def run(configs=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup
     s = train.TrainSettings(batch=batch, threads=threads)
     ds = SyntheticAnomalyDataset(64, seed=s.seed, cache_normals=True, foreign_fraction=s.foreign_fraction)
     batches = list(itertools.islice(train._batches(ds, batch, s.seed, workers=0), 8))
-    names = list(configs)
+    names = list(variants)
     times = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / 'tokenizer'
         train_sentencepiece(tok, train.demo_corpus(CATEGORIES), vocab_size=600)
         runs = {}
-        for config in names:
-            torch.manual_seed(s.seed)
-            model, text = train.build_small(tok, s.seed, config)
-            model.visual_encoder.train(), model.image_decoder.train(), text.train()
-            params = train.vision_stage_params(model, text)
-            runs[config] = (model, text, params, train.vision_optimizer(params, s))
+        for name in names:
+            config, settings = parse_variant(name)
+            vs = dataclasses.replace(s, **settings)
+            torch.manual_seed(vs.seed)
+            model, text = train.build_small(tok, vs.seed, config)
+            stage = train.VisionStage.build(model, text, vs)
+            stage.train()
+            stage.freeze_text(CATEGORIES)
+            runs[name] = (stage, train.vision_optimizer(stage.params, vs))
         cycle = itertools.cycle(batches)
         for r in range(rounds):
             for name in names:
-                model, text, params, opt = runs[name]
+                stage, opt = runs[name]
                 for i in range(steps + (warmup if r == 0 else 0)):
                     t0 = time.perf_counter()
-                    train.optimizer_step(train.vision_loss(model, text, next(cycle), i, s), params, opt)
+                    train.optimizer_step(stage.loss(next(cycle), i), stage.params, opt)
                     if r > 0 or i >= warmup:
                         times[name].append((time.perf_counter() - t0) * 1e3)
                 if progress:
@@ -58,9 +87,10 @@ def run(configs=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup
                           f"{sorted(times[name])[len(times[name]) // 2]:.0f} ms", file=sys.stderr)
     base = summarize(times[names[0]])['median']
     rows = []
-    for config in names:
-        st = summarize(times[config])
-        rows.append({'config': config, 'step_ms': st,
+    for name in names:
+        st = summarize(times[name])
+        config, settings = parse_variant(name)
+        rows.append({'variant': name, 'config': config, 'settings': settings, 'step_ms': st,
                      'speedup_vs_first': round(base / st['median'], 3)})
     return {'benchmark': 'stage-1 training step (compute only)', 'machine': machine_info(), 'threads': threads,
             'batch': batch, 'steps_per_round': steps, 'rounds': rounds, 'variants': rows}
@@ -69,8 +99,10 @@ def run(configs=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.benchmarks.bench_train_step',
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--configs', default='small,small-p16',
-                    help='comma-separated model configs; the first is the baseline (default: %(default)s)')
+    ap.add_argument('--variants', default='small,small-p16',
+                    help='comma-separated variants, each a model config with optional training settings after '
+                         '"+" (small+frozen_text, small+probe_weight=1); the first is the baseline '
+                         '(default: %(default)s)')
     ap.add_argument('--steps', type=int, default=10, help='timed steps per variant per round (default: %(default)s)')
     ap.add_argument('--rounds', type=int, default=3, help='(default: %(default)s)')
     ap.add_argument('--threads', type=int, default=2, help='(default: %(default)s)')
@@ -80,15 +112,22 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.rounds < 1:
         ap.error('--steps and --rounds must be at least 1')
     from ..models.config import CONFIGS
-    configs = [c.strip() for c in args.configs.split(',')]
-    if bad := [c for c in configs if c not in CONFIGS]:
-        ap.error(f"--configs: unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
-    report = run(configs, args.steps, args.rounds, threads=args.threads, batch=args.batch)
+    variants = [v.strip() for v in args.variants.split(',')]
+    try:
+        parsed = [parse_variant(v) for v in variants]
+        from ..models.train import TrainSettings
+        for _, settings in parsed:
+            TrainSettings(**settings)
+    except ValueError as e:
+        ap.error(f"--variants: {e}")
+    if bad := [c for c, _ in parsed if c not in CONFIGS]:
+        ap.error(f"--variants: unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
+    report = run(variants, args.steps, args.rounds, threads=args.threads, batch=args.batch)
     if args.json:
         from ..runtime.engines import write_json_atomic
         write_json_atomic(Path(args.json), report)
     for row in report['variants']:
-        print(f"{row['config']:>12}  median {row['step_ms']['median']:7.1f} ms  "
+        print(f"{row['variant']:>24}  median {row['step_ms']['median']:7.1f} ms  "
               f"x{row['speedup_vs_first']:.2f}")
     return 0
 

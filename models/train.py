@@ -95,8 +95,11 @@ class TrainSettings:
     # (cosine -0.97 to -1.0), logit gaps +-200
     logit_scale_ramp_steps: int = 0
     # stage 1 leaves the text tower as initialised, as the reference leaves ImageBind's (frozen): the two
-    # states' features stay at their initial cosine (~0.99 per class), so the decoder's logit gap can reach
-    # ~14 from step 0 and cannot be pulled towards 0 as stage 1's first steps otherwise do
+    # states' features stay at their initial cosine (0.99 per class), so the decoder's logit gap can reach ~13
+    # from step 0 and is not pulled towards 0 as in stage 1's first steps otherwise. Off: seed 0 left the
+    # trivial loss at once (4.0 by step 50) but for another plateau, 3.70 over steps 1251-1500 (stopped there;
+    # the kept runs without it were at 2.1-2.2 by step 2000): a gap of 13 cannot make a normal image's dice
+    # term small (it needs p < 1e-4 on nearly every pixel)
     frozen_text: bool = False
     # weight of a training-only loss on a linear per-patch probe of each tapped layer (models/patch_probe.py;
     # 0: off). Not the reference's: it stands in for the pretraining a tower from scratch lacks
@@ -240,9 +243,44 @@ def logit_scale(step: int, ramp_steps: int) -> float:
     return LOGIT_SCALE_START * (spec.LOGIT_SCALE / LOGIT_SCALE_START) ** (step / ramp_steps)
 
 
-def vision_stage_params(model: AnomalyGPT, text: TextTower, train_text: bool = True) -> list:
-    params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters()]
-    return params + [*text.parameters()] if train_text else params
+@dataclasses.dataclass
+class VisionStage:
+    """What stage 1 trains and the loss it trains on, as the settings make them (``train_vision`` and
+    ``benchmarks/bench_train_step.py`` share it)."""
+    model: AnomalyGPT
+    text: TextTower
+    s: TrainSettings
+    params: list
+    probe: PatchProbe | None = None
+    text_table: dict | None = None
+
+    @classmethod
+    def build(cls, model: AnomalyGPT, text: TextTower, s: TrainSettings) -> 'VisionStage':
+        params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters()]
+        if not s.frozen_text:
+            params += list(text.parameters())
+        probe = None
+        if s.probe_weight:
+            with torch.random.fork_rng():
+                torch.manual_seed(s.seed + 5)
+                probe = PatchProbe(model.cfg.vision.width, len(model.cfg.vision.taps))
+            params += list(probe.parameters())
+        return cls(model, text, s, params, probe)
+
+    def train(self) -> None:
+        self.model.visual_encoder.train(), self.model.image_decoder.train(), self.text.train()
+        if self.probe is not None:
+            self.probe.train()
+
+    def freeze_text(self, categories) -> None:
+        """With ``frozen_text``, fix the text features of ``categories`` as the tower gives them now."""
+        if self.s.frozen_text:
+            self.text.eval().requires_grad_(False)
+            with torch.no_grad():
+                self.text_table = {c: class_text_features(self.text, c) for c in categories}
+
+    def loss(self, b: dict, step: int) -> torch.Tensor:
+        return vision_loss(self.model, self.text, b, step, self.s, self.text_table, self.probe)
 
 
 def vision_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
@@ -272,40 +310,30 @@ def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: Train
 
 def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, ckpt: Path) -> float:
     """Stage 1; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
-    params = vision_stage_params(model, text, train_text=not s.frozen_text)
-    probe = None
-    if s.probe_weight:
-        with torch.random.fork_rng():
-            torch.manual_seed(s.seed + 5)
-            probe = PatchProbe(model.cfg.vision.width, len(model.cfg.vision.taps)).train()
-        params += list(probe.parameters())
-    opt = vision_optimizer(params, s)
+    stage = VisionStage.build(model, text, s)
+    opt = vision_optimizer(stage.params, s)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'], strict=False)
         text.load_state_dict(state['text'])
-        if probe is not None:
-            probe.load_state_dict(state['probe'])
+        if stage.probe is not None:
+            stage.probe.load_state_dict(state['probe'])
         opt.load_state_dict(state['opt'])
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
-    model.visual_encoder.train(), model.image_decoder.train(), text.train()
+    stage.train()
     if start == 0 and s.text_warmup_steps:
         t0 = time.time()
         left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision)
         seconds += time.time() - t0
         log.info("text warm-up: normal/abnormal cosine %.3f", left)
-    table = None
-    if s.frozen_text:
-        text.eval().requires_grad_(False)
-        with torch.no_grad():
-            table = {c: class_text_features(text, c) for c in dataset.categories}
+    stage.freeze_text(dataset.categories)
     seconds = _fit('vision', s.vision_steps, s.lr_vision, start, _batches(dataset, s.batch, s.seed, start),
-                   lambda b, step: vision_loss(model, text, b, step, s, table, probe), params, opt,
-                   s.checkpoint_every,
+                   stage.loss, stage.params, opt, s.checkpoint_every,
                    lambda step, sec: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
                                                      opt=opt.state_dict(), step=step, seconds=sec,
-                                                     **({'probe': probe.state_dict()} if probe else {})), seconds)
+                                                     **({'probe': stage.probe.state_dict()} if stage.probe else {})),
+                   seconds)
     model.eval(), text.eval()
     return seconds
 

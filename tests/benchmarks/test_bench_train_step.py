@@ -1,21 +1,24 @@
-"""The stage-1 step benchmark times every config it is asked for and names bad arguments."""
+"""The stage-1 step benchmark times every variant it is asked for and names bad arguments."""
 import pytest
 
 from anomalygpt_edge.benchmarks import bench_train_step
 
 
-def test_every_config_is_timed_against_the_first():
-    report = bench_train_step.run(('tiny', 'small-p16'), steps=2, rounds=2, warmup=1, threads=1, batch=2,
-                                  progress=False)
+def test_every_variant_is_timed_against_the_first():
+    report = bench_train_step.run(('tiny', 'small-p16', 'tiny+frozen_text+probe_weight=0.5'), steps=2, rounds=2,
+                                  warmup=1, threads=1, batch=2, progress=False)
     rows = report['variants']
-    assert [r['config'] for r in rows] == ['tiny', 'small-p16']
+    assert [r['config'] for r in rows] == ['tiny', 'small-p16', 'tiny']
+    assert rows[2]['settings'] == {'frozen_text': True, 'probe_weight': 0.5}
     assert all(r['step_ms']['n'] == 4 and r['step_ms']['median'] > 0 for r in rows)   # 2 rounds x 2 steps
     assert rows[0]['speedup_vs_first'] == 1.0
     assert rows[1]['speedup_vs_first'] == round(rows[0]['step_ms']['median'] / rows[1]['step_ms']['median'], 3)
     assert report['machine']['cores_logical'] >= 1
 
 
-@pytest.mark.parametrize('flag', [['--configs', 'nano'], ['--steps', '0']])
+@pytest.mark.parametrize('flag', [['--variants', 'nano'], ['--variants', 'small+no_such_setting'],
+                                  ['--variants', 'small+probe_weight=lots'], ['--variants', 'small+frozen_text=2'],
+                                  ['--variants', 'small+probe_weight=-1'], ['--steps', '0']])
 def test_bad_arguments_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench_train_step.main(flag)
