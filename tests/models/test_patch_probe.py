@@ -49,3 +49,13 @@ def test_training_with_the_probe_checkpoints_it_and_resumes_it(tmp_path):
     second = load_checkpoint(tmp_path / 'w' / 'vision.pt')['probe']
     assert first.keys() == second.keys() and not torch.equal(first['fc.0.weight'], second['fc.0.weight'])
     assert not any(k.startswith('probe') for k in load_checkpoint(tmp_path / 'w' / 'final.pt')['model'])
+
+
+def test_resuming_a_probe_less_checkpoint_with_the_probe_names_the_checkpoint(tmp_path):
+    base = ['--work', str(tmp_path / 'w'), '--config', 'tiny', '--lm-steps', '0', '--samples', '6', '--batch', '2',
+            '--threads', '1', '--checkpoint-every', '1']
+    assert main(base + ['--vision-steps', '1']) == 0
+    before = (tmp_path / 'w' / 'vision.pt').read_bytes()
+    with pytest.raises(SystemExit, match='vision.pt.*without --probe-weight'):
+        main(base + ['--vision-steps', '2', '--probe-weight', '1'])
+    assert (tmp_path / 'w' / 'vision.pt').read_bytes() == before
