@@ -211,7 +211,10 @@ def model_card(results: dict, manifest: dict) -> str:
            ' blob; `models/foreign_sim.py`), since a tower trained from scratch on pasted patches alone learns only'
            ' "pasted texture"' if src.get('settings', {}).get('foreign_fraction') else '')
         + '; with the reference\'s conversation templates and 3x3 position words.',
-        'Stage 1 trains the vision tower, decoder and text tower with focal + dice loss on the 4 layer maps;',
+        'Stage 1 trains the vision tower, decoder and text tower with focal + dice loss on the 4 layer maps'
+        + (f" and, weighted {src['settings']['probe_weight']:g}, a training-only per-patch probe loss on each tapped"
+           ' layer (`models/patch_probe.py`; not exported), which the reference does not have: its tower comes'
+           ' pretrained' if src.get('settings', {}).get('probe_weight') else '') + ';',
         'stage 2 freezes them and trains the prompt learner, `llama_proj` and the LLM with the LM loss on answers',
         'only (half the batches on few-shot maps, as the reference)'
         + (', on normal images of a seed stage 1 never saw, so the maps it learns to read look like the'

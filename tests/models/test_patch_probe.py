@@ -51,11 +51,12 @@ def test_training_with_the_probe_checkpoints_it_and_resumes_it(tmp_path):
     assert not any(k.startswith('probe') for k in load_checkpoint(tmp_path / 'w' / 'final.pt')['model'])
 
 
-def test_resuming_a_probe_less_checkpoint_with_the_probe_names_the_checkpoint(tmp_path):
+@pytest.mark.parametrize('first, then, had', [('0', '1', 'without the patch probe'), ('1', '0', 'with the patch probe')])
+def test_resuming_with_another_probe_setting_names_the_checkpoint_and_keeps_it(tmp_path, first, then, had):
     base = ['--work', str(tmp_path / 'w'), '--config', 'tiny', '--lm-steps', '0', '--samples', '6', '--batch', '2',
             '--threads', '1', '--checkpoint-every', '1']
-    assert main(base + ['--vision-steps', '1']) == 0
+    assert main(base + ['--vision-steps', '1', '--probe-weight', first]) == 0
     before = (tmp_path / 'w' / 'vision.pt').read_bytes()
-    with pytest.raises(SystemExit, match='vision.pt.*without --probe-weight'):
-        main(base + ['--vision-steps', '2', '--probe-weight', '1'])
+    with pytest.raises(SystemExit, match=f'vision.pt: .* trained {had}'):
+        main(base + ['--vision-steps', '2', '--probe-weight', then])
     assert (tmp_path / 'w' / 'vision.pt').read_bytes() == before
