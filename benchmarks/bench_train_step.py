@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--variants', default='small,small-p16',
                     help='comma-separated variants, each a model config with optional training settings after '
-                         '"+" (small+frozen_text, small+probe_weight=1); the first is the baseline '
+                         '"+" (small+frozen_text, small+probe_weight=0); the first is the baseline '
                          '(default: %(default)s)')
     ap.add_argument('--steps', type=int, default=10, help='timed steps per variant per round (default: %(default)s)')
     ap.add_argument('--rounds', type=int, default=3, help='(default: %(default)s)')
