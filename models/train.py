@@ -4,9 +4,10 @@
 
 Stage 1 (vision): ImageBind-style tower + decoder + text tower, focal + dice on the 4 layer maps
 (spec 7.5), on normal images and simulated anomalies (NSA patches as the reference, and a share of
-foreign-content blobs: ``foreign_fraction``), plus a training-only per-patch probe loss (``probe_weight``). Stage 2 (language): vision frozen;
-prompt learner, llama_proj and the small LLaMA trained with the LM loss on the answers only (the
-Yes/No, count and position tokens weighted), on maps of normal images stage 1 never saw.
+foreign-content blobs: ``foreign_fraction``), plus a training-only per-patch probe loss (``probe_weight``).
+Stage 2 (language): vision frozen; prompt learner, llama_proj and the small LLaMA trained with the LM
+loss on the answers only (the Yes/No, count and position tokens weighted), on maps of normal images
+stage 1 never saw.
 Seeds are fixed; checkpoints are written atomically every few hundred steps and resumed; each
 checkpoint carries its stage's training time, so the recorded minutes add up over resumes.
 """
