@@ -383,7 +383,7 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
                           'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD), 'size': spec.IMAGE_SIZE})
         done = subprocess.run([sys.executable, '-c', _MEMORY_PROBE, arg], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"memory probe failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         by[n] = json.loads(done.stdout.strip().splitlines()[-1])
     xs = sorted(by)
     at = {k: extrapolate(xs, [by[x][k] for x in xs], target_layers) for k in ('steady', 'peak')}
