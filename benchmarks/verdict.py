@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,10 @@ MEMORY_VARIANTS = (
 )
 
 
+class ProbeCrashed(RuntimeError):
+    """The memory probe's process died by a signal: a native library crashed on this machine."""
+
+
 def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, threads: int, repack: bool,
                     positions: int, target_layers: int, work: Path, n_ctx: int = 512, kv_type: str = 'f16',
                     ort_options: dict | None = None) -> dict:
@@ -381,7 +386,13 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
                           'gguf': str(gguf), 'threads': threads, 'repack': repack, 'positions': positions,
                           'n_ctx': n_ctx, 'kv_type': kv_type, 'ort': dict(ort_options or {}),
                           'mean': list(spec.CLIP_MEAN), 'std': list(spec.CLIP_STD), 'size': spec.IMAGE_SIZE})
-        done = subprocess.run([sys.executable, '-c', _MEMORY_PROBE, arg], capture_output=True, text=True, check=False)
+        # faulthandler: a crash by a signal inside a native library names the Python line it was on
+        done = subprocess.run([sys.executable, '-X', 'faulthandler', '-c', _MEMORY_PROBE, arg], capture_output=True,
+                              text=True, check=False)
+        if done.returncode < 0:
+            where = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith('File ')][:2]
+            raise ProbeCrashed(f"memory probe killed by {signal.Signals(-done.returncode).name} "
+                               f"(repack {'on' if repack else 'off'}, {Path(gguf).name}) in {where}")
         if done.returncode != 0:
             raise RuntimeError(f"memory probe failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         by[n] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -628,9 +639,15 @@ def run_verdict(opts: VerdictOptions) -> dict:
             report['memory'] = resident_memory(graphs, setup.text_features, ggufs, opts.threads, repack,
                                                opts.prompt_positions, cfg.llm.layers, work)
             report['memory']['quant'] = quant
-            # repacking's memory cost, the other way round, beside it
-            report['memory_repack_' + ('off' if repack else 'on')] = resident_memory(
-                graphs, setup.text_features, ggufs, opts.threads, not repack, opts.prompt_positions, cfg.llm.layers, work)
+            # repacking's memory cost, the other way round, beside it. A side figure: where llama.cpp's repacked
+            # kernels crash (SIGILL on some AMX virtual machines), the report says so and the run goes on
+            key = 'memory_repack_' + ('off' if repack else 'on')
+            try:
+                report[key] = resident_memory(graphs, setup.text_features, ggufs, opts.threads, not repack,
+                                              opts.prompt_positions, cfg.llm.layers, work)
+            except ProbeCrashed as e:
+                _log(f"not measured: {e}")
+                report[key] = {'error': str(e), 'repack': not repack}
         report['wall_s'] = round(time.time() - t_start, 1)
         return report
     finally:
@@ -676,7 +693,9 @@ def markdown(report: dict) -> str:
                      f"steady {mem['steady']['value'] / 1024:.2f} GiB, peak {mem['peak']['value'] / 1024:.2f} GiB "
                      f"(repack {'on' if report['memory']['repack'] else 'off'})")
         for key in ('memory_repack_on', 'memory_repack_off'):
-            if report.get(key):
+            if report.get(key, {}).get('error'):
+                lines.append(f"  with repack {key.rsplit('_', 1)[1]}: not measured ({report[key]['error']})")
+            elif report.get(key):
                 o = report[key]['at_target']
                 lines.append(f"  with repack {key.rsplit('_', 1)[1]}: steady {o['steady']['value'] / 1024:.2f} GiB, "
                              f"peak {o['peak']['value'] / 1024:.2f} GiB")

@@ -105,3 +105,20 @@ def test_memory_only_run_measures_each_variant_in_its_own_process(tmp_path):
     # the graphs and GGUF files stay in --work-dir for the next run
     assert (tmp_path / 'w' / 'prompt_learner-int8-dynamic.onnx').is_file() and (tmp_path / 'w' / 'llm-2').is_dir()
     assert main(argv[:-4] + ['--memory-variants', 'no such variant', '--json', str(tmp_path / 'x.json')]) == 2
+
+
+def test_a_memory_probe_killed_by_a_signal_names_the_signal_and_where(tmp_path, monkeypatch):
+    import subprocess
+
+    import numpy as np
+
+    from anomalygpt_edge.benchmarks import verdict
+    stderr = ('Fatal Python error: Illegal instruction\n\nCurrent thread 0x01 (most recent call first):\n'
+              '  File "/x/runtime/llama_session.py", line 164 in _decode\n  File "<string>", line 30 in <module>\n')
+    monkeypatch.setattr(verdict.subprocess, 'run',
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, -4, stdout='', stderr=stderr))
+    with pytest.raises(verdict.ProbeCrashed) as e:
+        verdict.resident_memory({}, np.zeros((1, 2, 4), np.float32), {1: tmp_path / 'llm-q4_k_m.gguf'}, 1, True, 4, 2,
+                                tmp_path)
+    msg = str(e.value)
+    assert 'SIGILL' in msg and 'repack on' in msg and 'llm-q4_k_m.gguf' in msg and 'llama_session.py' in msg

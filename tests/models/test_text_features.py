@@ -41,4 +41,6 @@ def test_cut_ids_give_the_embeddings_of_all_77(tiny_text_tower):
         full = tok(sentences)
         assert (full[:, cut.shape[1]:] == 0).all() and (full[:, :cut.shape[1]] == cut).all()
         with torch.no_grad():
-            torch.testing.assert_close(tiny_text_tower(cut), tiny_text_tower(full), atol=1e-6, rtol=1e-5)
+            # the two lengths take different matmul kernels on some CPUs (1.5e-6 apart on an AMX Xeon); a cut that
+            # changed what the end-of-text token attends to would move them by orders of magnitude more
+            torch.testing.assert_close(tiny_text_tower(cut), tiny_text_tower(full), atol=1e-5, rtol=1e-4)
