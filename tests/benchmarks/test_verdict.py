@@ -83,6 +83,10 @@ def test_report_is_complete_and_consistent(tiny_run):
     assert set(mem['by_layers']) == {'1', '2'}
     for m in mem['by_layers'].values():
         assert m['peak'] >= m['steady'] > m['start'] > 0
+    # repacking's side figure is measured, or, where llama.cpp crashes on this CPU, says why it is not
+    other = r['memory_repack_on']
+    assert other['repack'] is True and ('SIGILL' in other['error'] if 'error' in other else other['at_target'])
+    assert 'with repack on' in (out / 'v.md').read_text()
     assert 'Best ours' in (out / 'v.md').read_text()
 
 
