@@ -93,6 +93,8 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
         classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_half_accuracy': verdict}
     mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
     out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
+    if 'location_breakdown' in rep:
+        out['location_breakdown'] = rep['location_breakdown']
     if maps_only:
         out.update(vision_step=int(state['step']), minutes={'vision': float(state.get('seconds', 0.0)) / 60})
     return out

@@ -48,6 +48,9 @@ class ClassReport:
     n_single_defect: int = 0
     seconds: float = 0.0
     answers: list = field(default_factory=list, repr=False)
+    # per single-defect image, with an LLM: (row of the defect's cell, map names it, LLM names it, map has a
+    # region at >= 0.5); ``location_breakdown`` sums them, to tell the reader's misses from the map's
+    location_cases: list = field(default_factory=list, repr=False)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -133,11 +136,14 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
             if s.anomalous and cv2.connectedComponents(gt)[0] == 2:  # one defect region
                 ys, xs = np.nonzero(gt)
                 want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], words)
-                map_loc_ok.append(locations(res.anomaly_map, words)[:1] == [want])
+                map_words = locations(res.anomaly_map, words)
+                map_loc_ok.append(map_words[:1] == [want])
             if llm:
                 correct.append(reference_correct(res.answer, s.anomalous))
                 if want is not None:
                     loc_ok.append(answer_positions(res.answer, words) == [want])
+                    row = next(i for i, r in enumerate(words) if want in r)
+                    rep.location_cases.append((row, map_loc_ok[-1], loc_ok[-1], bool(map_words)))
                 rep.answers.append({'image': str(s.path), 'answer': res.answer, 'verdict': res.verdict,
                                     'score': res.score, 'anomalous': s.anomalous})
             if bar is not None:
@@ -161,8 +167,30 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
         'mean': {k: mean_or_none(getattr(r, k) for r in reports) for k in keys},
         'answers': {r.name: r.answers for r in reports},
     }
+    if llm:
+        out['location_breakdown'] = location_breakdown([c for r in reports for c in r.location_cases])
     if agreement is not None:
         out['reference'] = agreement.summary()
+    return out
+
+
+ROW_NAMES = ('top', 'middle', 'bottom')
+
+
+def location_breakdown(cases) -> dict:
+    """Where the location answers go wrong, over (row, map_ok, llm_ok, map_fired) cases: the LLM and the
+    map's own largest region both right, one of them, neither (split by whether the map has a region at >= 0.5
+    as large as ``locations`` counts, i.e. whether the defect was found at all), and the LLM's accuracy by the
+    row of the defect's cell."""
+    out = {'both': 0, 'llm_only': 0, 'map_only': 0, 'neither_map_fired': 0, 'neither_map_silent': 0}
+    rows = {name: [0, 0] for name in ROW_NAMES}
+    for row, map_ok, llm_ok, fired in cases:
+        key = ('both' if llm_ok else 'map_only') if map_ok else \
+            ('llm_only' if llm_ok else 'neither_map_fired' if fired else 'neither_map_silent')
+        out[key] += 1
+        rows[ROW_NAMES[row]][0] += int(llm_ok)
+        rows[ROW_NAMES[row]][1] += 1
+    out['by_row'] = {name: {'correct': ok, 'images': n} for name, (ok, n) in rows.items()}
     return out
 
 

@@ -64,3 +64,48 @@ def test_map_location_is_the_cell_of_the_maps_own_region(dataset):
     assert r['n_single_defect'] >= 1 and r['location_accuracy'] is None    # no LLM, no answer to score
     assert r['map_location_accuracy'] == 1.0                # a map equal to the label names its cell
     assert blank['classes']['woven_fabric']['map_location_accuracy'] == 0.0   # a map showing nothing names none
+
+
+def test_location_breakdown_sorts_each_case_by_who_was_right():
+    from anomalygpt_edge.benchmarks.evaluate import location_breakdown
+    # (row, map names the cell, LLM names it, map has a region at >= 0.5)
+    cases = [(0, True, True, True), (2, True, False, True), (2, False, True, True), (1, False, False, True),
+             (2, False, False, False), (2, False, False, False)]
+    b = location_breakdown(cases)
+    assert (b['both'], b['map_only'], b['llm_only'], b['neither_map_fired'], b['neither_map_silent']) == (1, 1, 1, 1, 2)
+    assert b['by_row'] == {'top': {'correct': 1, 'images': 1}, 'middle': {'correct': 0, 'images': 1},
+                           'bottom': {'correct': 1, 'images': 4}}
+
+
+class _AnsweringMapRunner(_MapRunner):
+    """_MapRunner with an LLM stand-in: answers with the label's own cell, or with nothing found."""
+    def __init__(self, root, to_map, truthful: bool):
+        super().__init__(root, to_map)
+        self.truthful = truthful
+
+    def inspect(self, path, class_name, memory=None, llm=True):
+        import numpy as np
+        from anomalygpt_edge.runtime.answers import position_word
+        res = super().inspect(path, class_name, memory, llm)
+        gt = self.masks[str(path)]
+        if self.truthful and gt.any():
+            ys, xs = np.nonzero(gt)
+            where = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], self.prompt['location_words'])
+            res.answer = f"Yes, there is an anomaly in the image, at the {where} of the image."
+        else:
+            res.answer = "No, there is no anomaly in the image."
+        return res
+
+
+def test_evaluate_reports_the_location_breakdown(dataset):
+    import numpy as np
+    reader_right = evaluate(_AnsweringMapRunner(dataset, np.zeros_like, True), dataset, progress=False)
+    reader_wrong = evaluate(_AnsweringMapRunner(dataset, lambda gt: gt, False), dataset, progress=False)
+    n = reader_right['classes']['woven_fabric']['n_single_defect']
+    assert n >= 1
+    a, b = reader_right['location_breakdown'], reader_wrong['location_breakdown']
+    assert (a['llm_only'], a['neither_map_silent'], a['both']) == (n, 0, 0)      # blank map, right answers
+    assert (b['map_only'], b['both'], b['llm_only']) == (n, 0, 0)                # exact map, no position named
+    assert sum(r['images'] for r in a['by_row'].values()) == n
+    assert sum(r['correct'] for r in a['by_row'].values()) == n and sum(r['correct'] for r in b['by_row'].values()) == 0
+    assert 'location_breakdown' not in evaluate(_MapRunner(dataset, np.zeros_like), dataset, llm=False, progress=False)
