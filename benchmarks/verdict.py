@@ -392,9 +392,11 @@ def resident_memory(onnx: dict, text_features: np.ndarray, gguf_paths: dict, thr
         if done.returncode < 0:
             where = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith('File ')][:2]
             raise ProbeCrashed(f"memory probe killed by {signal.Signals(-done.returncode).name} "
-                               f"(repack {'on' if repack else 'off'}, {Path(gguf).name}) in {where}")
+                               f"(repack {'on' if repack else 'off'}, {Path(gguf).name}) "
+                               f"in {'; '.join(where) or 'native code (no Python frame reported)'}")
         if done.returncode != 0:
-            raise RuntimeError(f"memory probe failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+            last = done.stderr.strip().splitlines()[-1:] or ['no error output']
+            raise RuntimeError(f"memory probe failed (exit {done.returncode}, {Path(gguf).name}): {last[0]}")
         by[n] = json.loads(done.stdout.strip().splitlines()[-1])
     xs = sorted(by)
     at = {k: extrapolate(xs, [by[x][k] for x in xs], target_layers) for k in ('steady', 'peak')}

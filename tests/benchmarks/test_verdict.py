@@ -126,3 +126,17 @@ def test_a_memory_probe_killed_by_a_signal_names_the_signal_and_where(tmp_path, 
                                 tmp_path)
     msg = str(e.value)
     assert 'SIGILL' in msg and 'repack on' in msg and 'llm-q4_k_m.gguf' in msg and 'llama_session.py' in msg
+
+
+def test_a_failed_memory_probe_gives_its_exit_status_file_and_last_error_line(tmp_path, monkeypatch):
+    import subprocess
+
+    import numpy as np
+
+    from anomalygpt_edge.benchmarks import verdict
+    stderr = 'Traceback (most recent call last):\n  ...\nValueError: Failed to load model from file\n'
+    monkeypatch.setattr(verdict.subprocess, 'run',
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout='', stderr=stderr))
+    with pytest.raises(RuntimeError, match=r"exit 1, llm-q4_k_m\.gguf\): ValueError: Failed to load model from file$"):
+        verdict.resident_memory({}, np.zeros((1, 2, 4), np.float32), {1: tmp_path / 'llm-q4_k_m.gguf'}, 1, False, 4, 2,
+                                tmp_path)
