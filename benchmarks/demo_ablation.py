@@ -92,7 +92,8 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
         verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
         classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_half_accuracy': verdict}
     mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
-    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes}
+    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes,
+           'intervals': {k: v for k, v in rep['intervals'].items() if mean.get(k) is not None}}
     if 'location_breakdown' in rep:
         out['location_breakdown'] = rep['location_breakdown']
     if maps_only:

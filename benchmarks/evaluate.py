@@ -6,7 +6,9 @@
   <root>/<class>/train/good/*.png                 normal images (k-shot references)
 
 Per class and mean: image AUROC (max of the map), pixel AUROC, Yes/No accuracy with the
-reference's rule, and the accuracy of the position word on single-defect images. With a PyTorch
+reference's rule, and the accuracy of the position word on single-defect images; for the means of image
+AUROC and the two accuracies, 95 % bootstrap intervals (``report['intervals']``: the images of each class
+resampled; none for pixel AUROC, whose resampling costs minutes per set). With a PyTorch
 reference pipeline (``reference_compare.reference_for``), also how far the runtime is from it on the
 same images (``report['reference']``).
 """
@@ -22,7 +24,8 @@ import cv2
 import numpy as np
 
 from ..runtime.answers import locations, position_word
-from .metrics import answer_positions, image_auroc, mean_or_none, pixel_auroc, reference_correct
+from .metrics import (answer_positions, bootstrap_interval, image_auroc, mean_or_none, pixel_auroc, reference_correct,
+                      share)
 
 IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -51,6 +54,8 @@ class ClassReport:
     # per single-defect image, with an LLM: (row of the defect's cell, map names it, LLM names it, map has a
     # region at >= 0.5); ``location_breakdown`` sums them, to tell the reader's misses from the map's
     location_cases: list = field(default_factory=list, repr=False)
+    # the per-image values the means' intervals resample: (scores, labels), Yes/No right, location right
+    per_image: dict = field(default_factory=dict, repr=False)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -155,6 +160,7 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
         rep.location_accuracy = float(np.mean(loc_ok)) if loc_ok else None
         rep.map_location_accuracy = float(np.mean(map_loc_ok)) if map_loc_ok else None
         rep.n_single_defect = len(map_loc_ok)
+        rep.per_image = {'image_auroc': (scores, labels), 'yes_no_accuracy': (correct,), 'location_accuracy': (loc_ok,)}
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
     if bar is not None:
@@ -167,6 +173,9 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
         'mean': {k: mean_or_none(getattr(r, k) for r in reports) for k in keys},
         'answers': {r.name: r.answers for r in reports},
     }
+    out['intervals'] = {
+        key: bootstrap_interval([r.per_image[key] for r in reports if r.per_image[key][0]], stat)
+        for key, stat in (('image_auroc', image_auroc), ('yes_no_accuracy', share), ('location_accuracy', share))}
     if llm:
         out['location_breakdown'] = location_breakdown([c for r in reports for c in r.location_cases])
     if agreement is not None:

@@ -53,3 +53,32 @@ def answer_positions(answer: str | None, words) -> list[str]:
 def mean_or_none(values) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
+
+
+def bootstrap_interval(per_class, statistic, n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of the mean over classes of ``statistic``, each class's items resampled with
+    replacement (stratified by class, as the mean is over classes). ``per_class``: one tuple of equal-length
+    arrays per class (e.g. (scores, labels)); ``statistic(*arrays)`` -> float or None (then that draw of that
+    class is left out of its mean). None when fewer than 2 items, or no draw gives a value."""
+    classes = [tuple(np.asarray(a) for a in arrays) for arrays in per_class if len(arrays[0]) >= 2]
+    if not classes:
+        return None
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n_boot):
+        vals = []
+        for arrays in classes:
+            idx = rng.integers(len(arrays[0]), size=len(arrays[0]))
+            vals.append(statistic(*(a[idx] for a in arrays)))
+        if (m := mean_or_none(vals)) is not None:
+            means.append(m)
+    if not means:
+        return None
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def share(values) -> float:
+    """The share of true values (the statistic of an accuracy's interval)."""
+    return float(np.mean(values))

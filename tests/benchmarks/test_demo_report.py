@@ -42,3 +42,20 @@ def test_from_results_takes_no_checkpoint(out, capsys):
 def test_missing_results_are_named(tmp_path, capsys):
     assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(tmp_path), '--from-results']) == 2
     assert 'results.json' in capsys.readouterr().err
+
+
+def test_card_shows_intervals_and_says_whether_a_missed_target_is_within_one():
+    results = json.loads((DEMO / 'results.json').read_text())
+    manifest = json.loads((DEMO / 'bundle' / 'manifest.json').read_text())
+    z = results['0_shot']
+    z['mean'].update(image_auroc=0.965, location_accuracy=0.711)
+    z['intervals'] = {'image_auroc': [0.94, 0.984], 'yes_no_accuracy': [0.86, 0.95], 'location_accuracy': [0.62, 0.79]}
+    card = demo_report.model_card(results, manifest)
+    row = next(line for line in card.splitlines() if line.startswith('| zero-shot |'))
+    assert '| 0.965 (0.94-0.98) |' in row
+    assert row.endswith('0.711 (0.62-0.79) |')
+    assert 'location accuracy 0.711 (target 0.80, above its 95 % interval)' in card
+    assert 'image AUROC 0.965 (target 0.97, inside its 95 % interval)' in card
+    assert '95 % intervals' in card
+    one = next(line for line in card.splitlines() if line.startswith('| 1-shot |'))
+    assert '(' not in one            # no intervals stored for it: plain figures

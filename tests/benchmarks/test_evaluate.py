@@ -109,3 +109,14 @@ def test_evaluate_reports_the_location_breakdown(dataset):
     assert sum(r['images'] for r in a['by_row'].values()) == n
     assert sum(r['correct'] for r in a['by_row'].values()) == n and sum(r['correct'] for r in b['by_row'].values()) == 0
     assert 'location_breakdown' not in evaluate(_MapRunner(dataset, np.zeros_like), dataset, llm=False, progress=False)
+
+
+def test_evaluate_reports_intervals_around_the_means(dataset):
+    import numpy as np
+    rep = evaluate(_AnsweringMapRunner(dataset, lambda gt: gt, True), dataset, progress=False)
+    iv = rep['intervals']
+    assert set(iv) == {'image_auroc', 'yes_no_accuracy', 'location_accuracy'}
+    assert iv['location_accuracy'] == (1.0, 1.0) and iv['image_auroc'] == (1.0, 1.0)   # every image right
+    half = evaluate(_AnsweringMapRunner(dataset, np.zeros_like, False), dataset, progress=False)
+    lo, hi = half['intervals']['yes_no_accuracy']   # "No" to all: right on the normal images only
+    assert lo <= half['mean']['yes_no_accuracy'] <= hi and lo < hi
