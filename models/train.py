@@ -39,6 +39,10 @@ _MEAN = torch.tensor(spec.CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(spec.CLIP_STD).view(3, 1, 1)
 
 
+# torch.optim.AdamW's keyword for each TrainSettings.adamw
+ADAMW_KINDS = {'foreach': {'foreach': True}, 'loop': {'foreach': False}, 'fused': {'fused': True}}
+
+
 @dataclasses.dataclass
 class TrainSettings:
     # the best of five seeds of this recipe on the validation set (map >= 0.5 accuracy 0.860): seed 1's vision
@@ -50,7 +54,8 @@ class TrainSettings:
     seed: int = 0
     batch: int = 8
     # 3500 + 1150 steps: 22.6 + 4.1 min with the probe on 2 cores of an Intel Xeon (AVX-512), 40.3 + 8.6 min on a
-    # slow day of such a machine (the shipped model); without it on the AVX2-only machines of earlier days
+    # slow day of such a machine (the shipped model), 28.8 + 4.6 min on an idle one, 24.5 + 4.7 with the foreach
+    # AdamW (the same weights; benchmarks/README.md); without it on the AVX2-only machines of earlier days
     # 25-28 + 5-5.5 min, on a slow day 34.3 min for the vision stage, so the recipe sits at the edge of the
     # demo's 30-minute budget, and past it on slow days. 3200 vision
     # steps fit it (23.5 min) but measured worse on the validation set in one run (map >= 0.5 accuracy 0.807
@@ -143,8 +148,14 @@ class TrainSettings:
     # and on many more normal images (0.07 -> 0.30), image AUROC 0.84 -> 0.79; in stage 2 alone it changed no
     # Yes/No answer (the LLM answers Yes where the map reaches 0.5: demo_ablation's map >= 0.5 column)
     faint_fraction: float = 0.0
+    # AdamW's implementation (ADAMW_KINDS). 'foreach' and 'loop' (torch's default on a CPU: one tensor at a
+    # time) compute the same weights bit for bit; 'foreach' has less overhead a step. 'fused' is faster still
+    # but rounds differently, so it trains other weights than the shipped demo model's
+    adamw: str = 'foreach'
 
     def __post_init__(self):
+        if self.adamw not in ADAMW_KINDS:
+            raise ValueError(f"adamw must be one of {', '.join(ADAMW_KINDS)}, got {self.adamw!r}")
         for name in ('few_shot_fraction', 'foreign_fraction', 'faint_fraction'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -167,6 +178,20 @@ def load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def adamw(params, lr: float, kind: str = 'foreach') -> torch.optim.AdamW:
+    """The optimiser of every stage, as the reference's (betas 0.9 / 0.95, weight decay 1e-3), with
+    torch's implementation ``kind`` (TrainSettings.adamw)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3, **ADAMW_KINDS[kind])
+
+
+def load_optimizer(opt: torch.optim.AdamW, state: dict, kind: str) -> None:
+    """Resume ``opt`` from a checkpoint's state, with implementation ``kind`` (a checkpoint carries the one
+    it was saved with, which loading would restore)."""
+    opt.load_state_dict(state)
+    for g in opt.param_groups:
+        g.update({'foreach': None, 'fused': None, **ADAMW_KINDS[kind]})
 
 
 def _schedule(opt, step: int, total: int, base_lr: float) -> None:
@@ -228,11 +253,11 @@ def separation_loss(feats: dict) -> torch.Tensor:
     return torch.stack([f[0] @ f[1] for f in feats.values()]).clamp(min=0).mean()
 
 
-def separate_text_features(text: TextTower, categories, steps: int, lr: float) -> float:
+def separate_text_features(text: TextTower, categories, steps: int, lr: float, kind: str = 'foreach') -> float:
     """Train the text tower alone on :func:`separation_loss` over all classes (AdamW at ``lr``, a
     constant rate) for at most ``steps`` steps, until every class's cosine is at most 0; returns the
     mean normal/abnormal cosine left."""
-    opt = torch.optim.AdamW(text.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
+    opt = adamw(text.parameters(), lr, kind)
     for _ in range(steps):
         loss = separation_loss({c: class_text_features(text, c) for c in categories})
         if loss.item() == 0.0:
@@ -297,7 +322,7 @@ class VisionStage:
 
 
 def vision_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=s.lr_vision, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
+    return adamw(params, s.lr_vision, s.adamw)
 
 
 def vision_loss(model: AnomalyGPT, text: TextTower, b: dict, step: int, s: TrainSettings,
@@ -335,13 +360,14 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
                              f"--probe-weight as before, or start a new --work directory")
         if stage.probe is not None:
             stage.probe.load_state_dict(state['probe'])
-        opt.load_state_dict(state['opt'])
+        load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
     stage.train()
     if start == 0 and s.text_warmup_steps:
         t0 = time.time()
-        left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision)
+        left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision,
+                                      s.adamw)
         seconds += time.time() - t0
         log.info("text warm-up: normal/abnormal cosine %.3f", left)
     stage.freeze_text(dataset.categories)
@@ -440,11 +466,11 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
               *(p for p in lm.parameters())]
     for p in lm.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=s.lr_lm, betas=(0.9, 0.95), weight_decay=1e-3)
+    opt = adamw(params, s.lr_lm, s.adamw)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'])
-        opt.load_state_dict(state['opt'])
+        load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed language training at step %d", start)
     with torch.no_grad():

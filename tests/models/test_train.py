@@ -129,7 +129,8 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
                            (['--batch', '0'], '--batch must be at least 1'),
                            (['--lm-steps', '-5'], '--lm-steps must not be negative'),
                            (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative'),
-                           (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative')):
+                           (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative'),
+                           (['--adamw', 'sgd'], "--adamw must be one of foreach, loop, fused, got 'sgd'")):
         with pytest.raises(SystemExit) as e:
             main(['--work', str(tmp_path / 'w'), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -204,6 +205,38 @@ def _vision_weights_after_training_in_a_process_with_hash_seed(work, hash_seed: 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     state = load_checkpoint(work / 'vision.pt')
     return {**state['model'], **{'text.' + k: v for k, v in state['text'].items()}}
+
+
+def _trained_weights(work, *flags, steps=(3, 2)) -> dict:
+    assert main(args(work, *steps) + list(flags)) == 0
+    final = load_checkpoint(work / 'final.pt')
+    return {**final['model'], **{'text.' + k: v for k, v in final['text'].items()}}
+
+
+def test_adamw_foreach_trains_the_weights_of_the_per_tensor_loop_bit_for_bit(tmp_path):
+    # the shipped demo model was trained with the loop and its bundle reproduced with foreach
+    loop = _trained_weights(tmp_path / 'loop', '--adamw', 'loop')
+    foreach = _trained_weights(tmp_path / 'foreach')
+    assert loop.keys() == foreach.keys()
+    assert [k for k in loop if not torch.equal(loop[k], foreach[k])] == []
+    untrained = _trained_weights(tmp_path / 'none', steps=(0, 0))
+    trained = [k for k in foreach if not torch.equal(untrained[k], foreach[k])]
+    assert any(k.startswith('visual_encoder.') for k in trained) and any(k.startswith('llama_model.') for k in trained)
+
+
+def test_a_resumed_stage_uses_the_adamw_of_its_command_line(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import train
+    work = tmp_path / 'w'
+    assert main(args(work, 1, 1) + ['--adamw', 'loop']) == 0
+    seen = []
+    real = train.load_optimizer
+
+    def spy(opt, state, kind):
+        real(opt, state, kind)
+        seen.append([(g['foreach'], g['fused']) for g in opt.param_groups])
+    monkeypatch.setattr(train, 'load_optimizer', spy)
+    assert main(args(work, 2, 2) + ['--adamw', 'fused']) == 0
+    assert seen == [[(None, True)], [(None, True)]]      # vision, then language
 
 
 def test_the_same_seed_trains_the_same_weights_whatever_the_string_hashing(tmp_path):
