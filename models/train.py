@@ -570,7 +570,9 @@ def calibrate_thresholds(bundle_dir, seed: int, n_images: int, percentile: float
         write_mvtec_layout(tmp, list(CATEGORIES), n_train_good=n_images, n_test_good=0, n_test_defect=0, seed=seed)
         with Pipeline.from_bundle(bundle_dir, llm=False, precision='fp32') as pipe:
             entries = [calibrate_threshold(pipe, Path(tmp) / c / 'train' / 'good', c, percentile) for c in CATEGORIES]
-    for cls, mode, entry in entries:
+    for category, (cls, mode, entry) in zip(CATEGORIES, entries):
+        # the images were in a temporary directory: record how to make them again instead
+        entry['images'] = f"write_mvtec_layout(seed={seed}, n_train_good={n_images}): {category}/train/good"
         store_threshold(bundle_dir, cls, mode, entry)
         log.info("threshold %s (%s): %.4f", cls, mode, entry['score'])
     return {cls: entry['score'] for cls, _, entry in entries}

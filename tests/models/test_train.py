@@ -93,6 +93,7 @@ def test_exported_bundle_carries_per_class_thresholds_from_fresh_normals(tmp_pat
                       for p in sorted((tmp_path / 'normals' / c / 'train' / 'good').glob('*.png'))]
             entry = thresholds[c.replace('_', ' ')]['zero-shot']
             assert entry['score'] == pytest.approx(max(scores), abs=1e-6) and entry['n_images'] == 2
+            assert entry['images'] == f"write_mvtec_layout(seed=0, n_train_good=2): {c}/train/good"
         first = list(CATEGORIES)[0]
         r = pipe.inspect(sorted((tmp_path / 'normals' / first / 'train' / 'good').glob('*.png'))[0],
                          class_name=first, llm=False)
