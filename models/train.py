@@ -597,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--config', default='small')
     for f in dataclasses.fields(TrainSettings):
         kind = {'action': argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {'type': type(f.default)}
+        if f.name == 'adamw':
+            kind['choices'] = list(ADAMW_KINDS)
         ap.add_argument('--' + f.name.replace('_', '-'), default=f.default, help='(TrainSettings; default: %(default)s)',
                         **kind)
     ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')

@@ -131,7 +131,7 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
                            (['--lm-steps', '-5'], '--lm-steps must not be negative'),
                            (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative'),
                            (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative'),
-                           (['--adamw', 'sgd'], "--adamw must be one of foreach, loop, fused, got 'sgd'")):
+                           (['--adamw', 'sgd'], "--adamw: invalid choice: 'sgd'")):
         with pytest.raises(SystemExit) as e:
             main(['--work', str(tmp_path / 'w'), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
