@@ -114,8 +114,8 @@ class TrainSettings:
     # the validation set (demo_ablation --seed 2000), image / pixel AUROC, Yes/No, location: weight 3 (the
     # shipped demo model) 0.953 / 0.935 / 0.913 / 0.678; weight 1 0.928 / 0.919 / 0.907 / 0.511; without it
     # 0.904 / 0.871 / 0.860 / 0.511; weight 5 0.955 / 0.927 / 0.907 / 0.544. Seed 1: weight 3 0.944 / 0.930 /
-    # 0.927 / 0.456, weight 1 0.904 / 0.911 / 0.900 / 0.444, so the maps' gain holds across seeds and the
-    # location's does not. The weight changes no step's cost
+    # 0.927 / 0.456, weight 1 0.904 / 0.911 / 0.900 / 0.444; seed 2, weight 3: 0.940 / 0.925 / 0.907 / 0.600.
+    # So the maps' gain holds across seeds and the location's does not. The weight changes no step's cost
     probe_weight: float = 3.0
     few_shot_fraction: float = 0.5
     # LM loss weights of the few answer tokens that depend on the image: the Yes/No token, and the count
