@@ -180,7 +180,7 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def adamw(params, lr: float, kind: str = 'foreach') -> torch.optim.AdamW:
+def adamw(params, lr: float, kind: str = TrainSettings.adamw) -> torch.optim.AdamW:
     """The optimiser of every stage, as the reference's (betas 0.9 / 0.95, weight decay 1e-3), with
     torch's implementation ``kind`` (TrainSettings.adamw)."""
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3, **ADAMW_KINDS[kind])
@@ -253,7 +253,8 @@ def separation_loss(feats: dict) -> torch.Tensor:
     return torch.stack([f[0] @ f[1] for f in feats.values()]).clamp(min=0).mean()
 
 
-def separate_text_features(text: TextTower, categories, steps: int, lr: float, kind: str = 'foreach') -> float:
+def separate_text_features(text: TextTower, categories, steps: int, lr: float,
+                           kind: str = TrainSettings.adamw) -> float:
     """Train the text tower alone on :func:`separation_loss` over all classes (AdamW at ``lr``, a
     constant rate) for at most ``steps`` steps, until every class's cosine is at most 0; returns the
     mean normal/abnormal cosine left."""
@@ -366,8 +367,7 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
     stage.train()
     if start == 0 and s.text_warmup_steps:
         t0 = time.time()
-        left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision,
-                                      s.adamw)
+        left = separate_text_features(text, dataset.categories, s.text_warmup_steps, s.lr_vision, s.adamw)
         seconds += time.time() - t0
         log.info("text warm-up: normal/abnormal cosine %.3f", left)
     stage.freeze_text(dataset.categories)

@@ -196,6 +196,11 @@ def test_vision_stage_trains_with_the_ramped_logit_scale(tmp_path, monkeypatch):
                                   spec.LOGIT_SCALE])
 
 
+def _weights(state: dict) -> dict:
+    """A checkpoint's model and text-tower weights in one dict."""
+    return {**state['model'], **{'text.' + k: v for k, v in state['text'].items()}}
+
+
 def _vision_weights_after_training_in_a_process_with_hash_seed(work, hash_seed: int) -> dict:
     import os
     import subprocess
@@ -204,14 +209,12 @@ def _vision_weights_after_training_in_a_process_with_hash_seed(work, hash_seed: 
            '--vision-steps', '2', '--lm-steps', '0', '--samples', '8', '--batch', '8', '--threads', '1']
     env = {**os.environ, 'PYTHONHASHSEED': str(hash_seed)}
     subprocess.run(cmd, env=env, check=True, capture_output=True)
-    state = load_checkpoint(work / 'vision.pt')
-    return {**state['model'], **{'text.' + k: v for k, v in state['text'].items()}}
+    return _weights(load_checkpoint(work / 'vision.pt'))
 
 
 def _trained_weights(work, *flags, steps=(3, 2)) -> dict:
     assert main(args(work, *steps) + list(flags)) == 0
-    final = load_checkpoint(work / 'final.pt')
-    return {**final['model'], **{'text.' + k: v for k, v in final['text'].items()}}
+    return _weights(load_checkpoint(work / 'final.pt'))
 
 
 def test_adamw_foreach_trains_the_weights_of_the_per_tensor_loop_bit_for_bit(tmp_path):
