@@ -29,6 +29,17 @@ def patch_targets(masks: torch.Tensor, grid: int) -> torch.Tensor:
     return (F.adaptive_max_pool2d(gt, grid) > 0).float().flatten(1)
 
 
+def cell_targets(positions, words=spec.POSITION_WORDS) -> torch.Tensor:
+    """Each sample's position words (none for a normal one) -> [B, 9] in {0,1}: 1 on the cells its answer names,
+    row-major over the 3x3 grid, as the prompt learner's derived prompts."""
+    index = {w: i for i, w in enumerate(w for row in words for w in row)}
+    target = torch.zeros(len(positions), len(index))
+    for b, names in enumerate(positions):
+        for name in names:
+            target[b, index[name]] = 1.0
+    return target
+
+
 def probe_loss(scores, target: torch.Tensor) -> torch.Tensor:
     """Per layer, binary cross-entropy averaged over the anomalous patches and over the normal ones
     separately, then summed (a defect covers ~1 % of the patches: unweighted, the probe would learn to say

@@ -121,6 +121,7 @@ def collate_pairs(items: list[dict]) -> dict:
         'questions': [q for it in items for q in it['questions']],
         'answers': [a for it in items for a in it['answers']],
         'categories': [it['category'] for it in items for _ in range(2)],
+        'positions': [p for it in items for p in ([], it['positions'])],
     }
 
 

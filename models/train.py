@@ -31,7 +31,7 @@ from .config import ModelConfig, get_config
 from .decoder import few_shot_map_matmul, layer_logits
 from .imagebind import TextTower, init_random
 from .losses import pixel_loss
-from .patch_probe import PatchProbe, patch_targets, probe_loss
+from .patch_probe import PatchProbe, cell_targets, patch_targets, probe_loss
 from .text_features import class_text_features
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,11 @@ class TrainSettings:
     # and on many more normal images (0.07 -> 0.30), image AUROC 0.84 -> 0.79; in stage 2 alone it changed no
     # Yes/No answer (the LLM answers Yes where the map reaches 0.5: demo_ablation's map >= 0.5 column)
     faint_fraction: float = 0.0
+    # weight of a training-only loss in stage 2 on a linear probe of each map-derived prompt (the prompt learner's
+    # last 9 outputs, row-major over the 3x3 cells; models/patch_probe.py), fitted to whether the answer names
+    # that cell (0: off, the reference's recipe). The LM loss reaches the prompt learner only through the LLM;
+    # the probe asks each derived prompt directly to say whether its cell holds a named defect
+    cell_probe_weight: float = 0.0
     # AdamW's implementation (ADAMW_KINDS). 'foreach' and 'loop' (torch's default on a CPU: one tensor at a
     # time) compute the same weights bit for bit; 'foreach' has less overhead a step. 'fused' is faster still
     # but rounds differently, so it trains other weights than the shipped demo model's
@@ -162,7 +167,8 @@ class TrainSettings:
         for name in ('batch', 'threads', 'checkpoint_every'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ('vision_steps', 'lm_steps', 'text_warmup_steps', 'logit_scale_ramp_steps', 'probe_weight'):
+        for name in ('vision_steps', 'lm_steps', 'text_warmup_steps', 'logit_scale_ramp_steps', 'probe_weight',
+                     'cell_probe_weight'):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -466,16 +472,30 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
               *(p for p in lm.parameters())]
     for p in lm.parameters():
         p.requires_grad_(True)
+    probe = None
+    if s.cell_probe_weight:
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed + 11)
+            probe = PatchProbe(model.cfg.llm.hidden, 1)
+        params += list(probe.parameters())
     opt = adamw(params, s.lr_lm, s.adamw)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'])
+        if (probe is not None) != ('probe' in state):
+            had = 'with the cell probe' if 'probe' in state else 'without the cell probe (--cell-probe-weight 0)'
+            raise SystemExit(f"{ckpt}: this stage-2 checkpoint was trained {had}; resume it with the same "
+                             f"--cell-probe-weight as before, or start a new --work directory")
+        if probe is not None:
+            probe.load_state_dict(state['probe'])
         load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed language training at step %d", start)
     with torch.no_grad():
         feats = {c: class_text_features(text, c) for c in dataset.categories}
     model.prompt_learner.train(), model.llama_proj.train(), lm.train()
+    if probe is not None:
+        probe.train()
     few_shot_rng = random.Random(s.seed + 7)
 
     @functools.lru_cache(maxsize=8)
@@ -494,16 +514,22 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
                                   for i, c in enumerate(b['categories'])])
             else:
                 amap = model.anomaly_map(taps, torch.stack([feats[c] for c in b['categories']]))
-        x, mask, y, w = lm_batch(model, tokenizer, model.image_token(emb), model.prompt_learner(amap),
+        prompts = model.prompt_learner(amap)
+        x, mask, y, w = lm_batch(model, tokenizer, model.image_token(emb), prompts,
                                  b['questions'], b['answers'], s.verdict_weight, s.position_weight)
         if s.map_agreement:
             w = w * map_shows_label(amap, b['masks'])[:, None]
-        return weighted_lm_loss(lm(inputs_embeds=x, attention_mask=mask).logits, y, w)
+        loss = weighted_lm_loss(lm(inputs_embeds=x, attention_mask=mask).logits, y, w)
+        if probe is not None:
+            derived = prompts[:, model.cfg.n_base_prompts:]
+            loss = loss + s.cell_probe_weight * probe_loss(probe([derived]), cell_targets(b['positions']))
+        return loss
 
     seconds = _fit('language', s.lm_steps, s.lr_lm, start, _batches(dataset, s.batch, s.seed + 1, start),
                    step_loss, params, opt, s.checkpoint_every,
                    lambda step, sec: save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(),
-                                                     step=step, seconds=sec), seconds)
+                                                     step=step, seconds=sec,
+                                                     **({'probe': probe.state_dict()} if probe else {})), seconds)
     model.eval()
     return seconds
 

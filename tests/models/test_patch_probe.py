@@ -1,11 +1,13 @@
-"""Stage 1's training-only patch probe: its targets follow the label's patches, its loss weighs the rare
-anomalous patches as much as the normal ones, and a run with it checkpoints and resumes the probe."""
+"""The training-only probes: stage 1's patch probe (its targets follow the label's patches, its loss weighs the
+rare anomalous patches as much as the normal ones, a run checkpoints and resumes it) and stage 2's cell probe
+of the map-derived prompts (its targets are the cells the answer names)."""
 import math
 
 import pytest
 import torch
 
-from anomalygpt_edge.models.patch_probe import PatchProbe, patch_targets, probe_loss
+from anomalygpt_edge.models import spec
+from anomalygpt_edge.models.patch_probe import PatchProbe, cell_targets, patch_targets, probe_loss
 from anomalygpt_edge.models.train import load_checkpoint, main
 
 
@@ -60,3 +62,38 @@ def test_resuming_with_another_probe_setting_names_the_checkpoint_and_keeps_it(t
     with pytest.raises(SystemExit, match=f'vision.pt: .* trained {had}'):
         main(base + ['--vision-steps', '2', '--probe-weight', then])
     assert (tmp_path / 'w' / 'vision.pt').read_bytes() == before
+
+
+def test_cell_targets_mark_the_cells_the_answer_names_row_major():
+    t = cell_targets([[], ['top left'], ['center', 'bottom right'], ['right']])
+    assert t.shape == (4, 9)
+    assert [torch.nonzero(row).flatten().tolist() for row in t] == [[], [0], [4, 8], [5]]
+    # the same grid as the words the answers are made from
+    flat = [w for row in spec.POSITION_WORDS for w in row]
+    assert [int(cell_targets([[w]]).argmax()) for w in flat] == list(range(9))
+
+
+def _stage2(tmp_path, name, *extra):
+    return ['--work', str(tmp_path / name), '--config', 'tiny', '--vision-steps', '1', '--samples', '6',
+            '--batch', '4', '--threads', '1', '--checkpoint-every', '1', *extra]
+
+
+def test_the_cell_probe_trains_the_prompt_learner_and_is_checkpointed_and_resumed(tmp_path):
+    base = _stage2(tmp_path, 'w', '--cell-probe-weight', '1')
+    assert main(base + ['--lm-steps', '2']) == 0
+    first = load_checkpoint(tmp_path / 'w' / 'language.pt')
+    assert main(base + ['--lm-steps', '3']) == 0
+    second = load_checkpoint(tmp_path / 'w' / 'language.pt')
+    assert second['step'] == 3 and not torch.equal(first['probe']['fc.0.weight'], second['probe']['fc.0.weight'])
+    # the probe's loss reaches the prompt learner: the same run without it trains other prompt-learner weights
+    assert main(_stage2(tmp_path, 'off', '--lm-steps', '3')) == 0
+    off = load_checkpoint(tmp_path / 'off' / 'language.pt')
+    assert 'probe' not in off
+    key = 'prompt_learner.meta_net.0.weight'
+    assert not torch.equal(off['model'][key], second['model'][key])
+
+
+def test_a_stage_2_checkpoint_resumes_only_with_its_own_cell_probe_setting(tmp_path):
+    assert main(_stage2(tmp_path, 'w', '--lm-steps', '1')) == 0
+    with pytest.raises(SystemExit, match='without the cell probe'):
+        main(_stage2(tmp_path, 'w', '--lm-steps', '2', '--cell-probe-weight', '1'))

@@ -75,6 +75,8 @@ def test_collate_flattens_pairs_in_order():
     assert batch['images'].shape == (4, 3, 224, 224) and batch['masks'].shape == (4, 1, 224, 224)
     assert torch.equal(batch['images'][2], items[1]['images'][0])
     assert batch['answers'] == items[0]['answers'] + items[1]['answers']
+    # the normal image of each pair names no position, the simulated one its own
+    assert batch['positions'] == [[], items[0]['positions'], [], items[1]['positions']]
     assert batch['categories'] == [items[0]['category']] * 2 + [items[1]['category']] * 2
 
 
