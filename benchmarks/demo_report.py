@@ -209,7 +209,8 @@ def model_card(results: dict, manifest: dict) -> str:
         f"- training: {json.dumps(src.get('settings', {}))}",
         *([f"- training time: {src['minutes']['vision']:.1f} min vision + {src['minutes']['language']:.1f} min "
            f"language stage on {src.get('cores', '?')} CPU cores"] if src.get('minutes') else []),
-        *([f"- history of this particular model: {results['history']}"] if results.get('history') else []),
+        *(['- how this particular model was trained and chosen, and the recipes tried before it: "History" below']
+          if results.get('history') else []),
         '',
         '## Training data',
         'Procedural normal images of five classes (woven fabric, brushed metal, wood grain, ceramic tiles, a washer',
@@ -287,6 +288,8 @@ def model_card(results: dict, manifest: dict) -> str:
               '- Knows only the five procedural classes; on real photographs its answers mean nothing.',
               '- The released AnomalyGPT weights cannot be shipped (non-commercial licences, 20 GB); export your',
               '  own copy with `anomalygpt-edge export released`.', '']
+    if results.get('history'):
+        lines += ['## History', '', f"This model was {results['history']}", '']
     return '\n'.join(lines)
 
 

@@ -60,7 +60,7 @@ class TrainSettings:
     # demo's 30-minute budget, and past it on slow days. 3200 vision
     # steps fit it (23.5 min) but measured worse on the validation set in one run (map >= 0.5 accuracy 0.807
     # vs 0.860, location 0.18 vs 0.51). 4000 (the shipped demo model): on 2 cores of an AMD EPYC (AVX-512, no
-    # AMX) 22.9 + 3.5 min, the first minutes beside an evaluation; 3500 steps took 20.5 + 3.8 min there. On the
+    # AMX) 20.3 + 3.5 min in one go; 3500 steps took 20.5 + 3.8 min there, the first minutes beside a test. On the
     # validation set 4000 steps measured image / pixel AUROC 0.968 / 0.941 and Yes/No 0.947 against 3500's
     # 0.938 / 0.932 / 0.913 (the same seed and machine; location 0.633 vs 0.656, see language_seed_offset)
     vision_steps: int = 4000
@@ -115,7 +115,7 @@ class TrainSettings:
     # weight of a training-only loss on a linear per-patch probe of each tapped layer (models/patch_probe.py;
     # 0: off, the reference's recipe). It stands in for the pretraining a tower from scratch lacks. Seed 0 on
     # the validation set (demo_ablation --seed 2000), image / pixel AUROC, Yes/No, location: weight 3 (the
-    # shipped demo model) 0.953 / 0.935 / 0.913 / 0.678; weight 1 0.928 / 0.919 / 0.907 / 0.511; without it
+    # previous demo model) 0.953 / 0.935 / 0.913 / 0.678; weight 1 0.928 / 0.919 / 0.907 / 0.511; without it
     # 0.904 / 0.871 / 0.860 / 0.511; weight 5 0.955 / 0.927 / 0.907 / 0.544. Seed 1: weight 3 0.944 / 0.930 /
     # 0.927 / 0.456, weight 1 0.904 / 0.911 / 0.900 / 0.444; seed 2, weight 3: 0.940 / 0.925 / 0.907 / 0.600.
     # So the maps' gain holds across seeds and the location's does not. The weight changes no step's cost
@@ -125,13 +125,13 @@ class TrainSettings:
     # and position words (the ~15 other, template tokens of an answer weigh 1)
     verdict_weight: float = 5.0
     # 6 (on an earlier vision stage) located no better on the validation set: 0.500 vs 0.511; nor did 5 on the
-    # shipped one (0.644 vs 0.678)
+    # previous demo model's (0.644 vs 0.678)
     position_weight: float = 3.0
     # stage 2 learns from maps of normal images of seed + this offset, which stage 1 never trained on, so
-    # they look like the maps of new images (0: stage 1's own images). On the shipped vision stage, offsets 2
-    # and 3 located 0.633 and 0.622 on the validation set against offset 1's 0.678: the language stage alone
-    # moves location by ~0.05 from one draw of its data to the next. On the 4000-step vision stage of the shipped
-    # demo model, offset 2 located 0.667 against offset 1's 0.633 (Yes/No 0.933 vs 0.947), and was chosen there
+    # they look like the maps of new images (0: stage 1's own images). On the previous demo model's vision
+    # stage, offsets 2 and 3 located 0.633 and 0.622 on the validation set against offset 1's 0.678: the language
+    # stage alone moves location by ~0.05 from one draw of its data to the next. On the 4000-step vision stage of
+    # the shipped demo model, offset 2 located 0.667 against offset 1's 0.633 (Yes/No 0.933 vs 0.947), and was chosen there
     language_seed_offset: int = 2
     # share of simulated anomalies made by models/foreign_sim.py (the rest are the reference's NSA patches).
     # 0.3: the tower trained from scratch on NSA alone learns only "pasted texture"; 600-step probes gave
@@ -156,7 +156,7 @@ class TrainSettings:
     # last 9 outputs, row-major over the 3x3 cells; models/patch_probe.py), fitted to whether the answer names
     # that cell (0: off, the reference's recipe). The LM loss reaches the prompt learner only through the LLM;
     # the probe asks each derived prompt directly to say whether its cell holds a named defect. Weight 1 on a
-    # vision stage of the shipped recipe (seed 0, trained on an AMD EPYC) located worse on the validation set:
+    # vision stage of the previous demo model's recipe (seed 0, trained on an AMD EPYC) located worse on the validation set:
     # 0.511 against 0.656 without it (Yes/No 0.920 vs 0.913), the LLM right where the map's region is on 39
     # single-defect images instead of 51
     cell_probe_weight: float = 0.0

@@ -27,7 +27,10 @@ def test_a_new_history_reaches_the_card_and_the_results(out):
     history.write_text('retrained on a quiet day in 12.3 min\n')
     assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--from-results',
                              '--history', str(history)]) == 0
-    assert 'retrained on a quiet day in 12.3 min' in (out / 'MODEL_CARD.md').read_text()
+    card = (out / 'MODEL_CARD.md').read_text()
+    # its own section at the end, after the figures a user looks for first
+    assert 'This model was retrained on a quiet day in 12.3 min' in card
+    assert card.index('## Limits') < card.index('## History') < card.index('This model was retrained')
     stored = json.loads((out / 'results.json').read_text())
     assert stored['history'] == 'retrained on a quiet day in 12.3 min'
     assert stored['0_shot'] == json.loads((DEMO / 'results.json').read_text())['0_shot']   # nothing re-measured
