@@ -190,7 +190,7 @@ def test_model_card_carries_the_ablation_table_and_the_history():
     card = model_card(results, manifest)
     assert card.count('validation set (`--seed 2000`') == 1
     assert card.index('Vision stages alone') < card.index('validation set') < card.index('| a | 0.5 |')
-    assert '- history of this particular model: resumed once.' in card
+    assert '\n## History\n\nThis model was resumed once.\n' in card
 
 
 def test_demo_report_names_a_missing_ablation_file(tmp_path, capsys):
