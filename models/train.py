@@ -131,7 +131,8 @@ class TrainSettings:
     # they look like the maps of new images (0: stage 1's own images). On the previous demo model's vision
     # stage, offsets 2 and 3 located 0.633 and 0.622 on the validation set against offset 1's 0.678: the language
     # stage alone moves location by ~0.05 from one draw of its data to the next. On the 4000-step vision stage of
-    # the shipped demo model, offset 2 located 0.667 against offset 1's 0.633 (Yes/No 0.933 vs 0.947), and was chosen there
+    # the shipped demo model, offset 2 located 0.667 against offset 1's 0.633 (Yes/No 0.933 vs 0.947), and was
+    # chosen there
     language_seed_offset: int = 2
     # share of simulated anomalies made by models/foreign_sim.py (the rest are the reference's NSA patches).
     # 0.3: the tower trained from scratch on NSA alone learns only "pasted texture"; 600-step probes gave
@@ -156,9 +157,9 @@ class TrainSettings:
     # last 9 outputs, row-major over the 3x3 cells; models/patch_probe.py), fitted to whether the answer names
     # that cell (0: off, the reference's recipe). The LM loss reaches the prompt learner only through the LLM;
     # the probe asks each derived prompt directly to say whether its cell holds a named defect. Weight 1 on a
-    # vision stage of the previous demo model's recipe (seed 0, trained on an AMD EPYC) located worse on the validation set:
-    # 0.511 against 0.656 without it (Yes/No 0.920 vs 0.913), the LLM right where the map's region is on 39
-    # single-defect images instead of 51
+    # vision stage of the previous demo model's recipe (seed 0, trained on an AMD EPYC) located worse on the
+    # validation set: 0.511 against 0.656 without it (Yes/No 0.920 vs 0.913), the LLM right where the map's region
+    # is on 39 single-defect images instead of 51
     cell_probe_weight: float = 0.0
     # AdamW's implementation (ADAMW_KINDS). 'foreach' and 'loop' (torch's default on a CPU: one tensor at a
     # time) compute the same weights bit for bit; 'foreach' has less overhead a step. 'fused' is faster still
@@ -205,6 +206,25 @@ def load_optimizer(opt: torch.optim.AdamW, state: dict, kind: str) -> None:
     opt.load_state_dict(state)
     for g in opt.param_groups:
         g.update({'foreach': None, 'fused': None, **ADAMW_KINDS[kind]})
+
+
+def seeded_probe(seed: int, width: int, k: int) -> PatchProbe:
+    """A training-only probe initialised from ``seed`` without touching the global RNG (so a run with the probe
+    draws everything else as a run without it)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return PatchProbe(width, k)
+
+
+def resume_probe(ckpt: Path, state: dict, probe: PatchProbe | None, stage: str, name: str, flag: str) -> None:
+    """Load ``probe`` from a checkpoint's state; a checkpoint trained with the probe resumed without it, or the
+    other way round, exits naming the checkpoint and ``flag``."""
+    if (probe is not None) != ('probe' in state):
+        had = f'with the {name}' if 'probe' in state else f'without the {name} ({flag} 0)'
+        raise SystemExit(f"{ckpt}: this {stage} checkpoint was trained {had}; resume it with the same "
+                         f"{flag} as before, or start a new --work directory")
+    if probe is not None:
+        probe.load_state_dict(state['probe'])
 
 
 def _schedule(opt, step: int, total: int, base_lr: float) -> None:
@@ -311,11 +331,8 @@ class VisionStage:
         params = [*model.visual_encoder.parameters(), *model.image_decoder.parameters()]
         if not s.frozen_text:
             params += list(text.parameters())
-        probe = None
-        if s.probe_weight:
-            with torch.random.fork_rng():
-                torch.manual_seed(s.seed + 5)
-                probe = PatchProbe(model.cfg.vision.width, len(model.cfg.vision.taps))
+        probe = seeded_probe(s.seed + 5, model.cfg.vision.width, len(model.cfg.vision.taps)) if s.probe_weight else None
+        if probe is not None:
             params += list(probe.parameters())
         return cls(model, text, s, params, probe)
 
@@ -368,12 +385,7 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'], strict=False)
         text.load_state_dict(state['text'])
-        if (stage.probe is not None) != ('probe' in state):
-            had = 'with the patch probe' if 'probe' in state else 'without the patch probe (--probe-weight 0)'
-            raise SystemExit(f"{ckpt}: this stage-1 checkpoint was trained {had}; resume it with the same "
-                             f"--probe-weight as before, or start a new --work directory")
-        if stage.probe is not None:
-            stage.probe.load_state_dict(state['probe'])
+        resume_probe(ckpt, state, stage.probe, 'stage-1', 'patch probe', '--probe-weight')
         load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
@@ -479,22 +491,14 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
               *(p for p in lm.parameters())]
     for p in lm.parameters():
         p.requires_grad_(True)
-    probe = None
-    if s.cell_probe_weight:
-        with torch.random.fork_rng():
-            torch.manual_seed(s.seed + 11)
-            probe = PatchProbe(model.cfg.llm.hidden, 1)
+    probe = seeded_probe(s.seed + 11, model.cfg.llm.hidden, 1) if s.cell_probe_weight else None
+    if probe is not None:
         params += list(probe.parameters())
     opt = adamw(params, s.lr_lm, s.adamw)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'])
-        if (probe is not None) != ('probe' in state):
-            had = 'with the cell probe' if 'probe' in state else 'without the cell probe (--cell-probe-weight 0)'
-            raise SystemExit(f"{ckpt}: this stage-2 checkpoint was trained {had}; resume it with the same "
-                             f"--cell-probe-weight as before, or start a new --work directory")
-        if probe is not None:
-            probe.load_state_dict(state['probe'])
+        resume_probe(ckpt, state, probe, 'stage-2', 'cell probe', '--cell-probe-weight')
         load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed language training at step %d", start)
