@@ -102,13 +102,15 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
 
 
 def load_vision(work: Path, model, text) -> dict:
-    """Load the stage-1 checkpoint ``<work>/vision.pt`` (vision tower, decoder, text tower)."""
-    from ..models.train import load_checkpoint
+    """Load the stage-1 checkpoint ``<work>/vision.pt`` (vision tower, decoder, text tower; their weight
+    average where the run kept one, as stage 2 gets them)."""
+    from ..models.train import load_checkpoint, stage_one_weights
     state = load_checkpoint(work / 'vision.pt')
     if state is None:
         raise FileNotFoundError(f"{work / 'vision.pt'}: no stage-1 checkpoint")
-    model.load_state_dict(state['model'], strict=False)
-    text.load_state_dict(state['text'])
+    weights, text_weights = stage_one_weights(state)
+    model.load_state_dict(weights, strict=False)
+    text.load_state_dict(text_weights)
     model.eval(), text.eval()
     return state
 

@@ -64,11 +64,12 @@ class TrainSettings:
     # validation set 4000 steps measured image / pixel AUROC 0.968 / 0.941 and Yes/No 0.947 against 3500's
     # 0.938 / 0.932 / 0.913 (the same seed and machine; location 0.633 vs 0.656, see language_seed_offset)
     vision_steps: int = 4000
-    # 2300 (the shipped demo model): 7.3 min on the AMD EPYC, against 3.5 for 1150. On the 4000-step vision stage,
-    # location on the validation set 0.733 and 0.678 (data seed + 2, + 3) against 1150's 0.667 and 0.633 (+ 2, + 1),
-    # Yes/No 0.947 and 0.953 against 0.933 and 0.947; on a larger location set (seed 3000, 18 images per defect kind
-    # and class, 270 single-defect ones) 0.770 and 0.781 against 0.737 and 0.730: the LLM reads the cell of a
-    # defect near a cell's edge better, where the map's own region is right (0.737 on that set, for all four)
+    # 2300 (the shipped demo model): 7.3-7.5 min on the AMD EPYC, against 3.5 for 1150. On the 4000-step vision
+    # stage, location on the validation set 0.733 and 0.678 (data seed + 2, + 3) against 1150's 0.667 and 0.633
+    # (+ 2, + 1), Yes/No 0.947 and 0.953 against 0.933 and 0.947; on a larger location set (seed 3000, 18 images per
+    # defect kind and class, 270 single-defect ones) 0.770 and 0.781 against 0.737 and 0.730: the LLM reads the cell
+    # of a defect near a cell's edge better, where the map's own region is right (0.737 on that set, for all four).
+    # On the 3500-step vision stage of an earlier demo model one draw had measured worse (location 0.656 vs 0.678)
     lm_steps: int = 2300
     # validation set (demo_ablation --seed 2000), 3500 steps: 5e-4 gives map >= 0.5 accuracy 0.860 and image
     # AUROC 0.904 against 0.773 and 0.836 at 1e-3 and 0.740 and 0.858 at 2.5e-4, with fewer normal images
@@ -170,6 +171,10 @@ class TrainSettings:
     # time) compute the same weights bit for bit; 'foreach' has less overhead a step. 'fused' is faster still
     # but rounds differently, so it trains other weights than the shipped demo model's
     adamw: str = 'foreach'
+    # stage 1's weights (vision tower, decoder, text tower) as an exponential moving average over its steps, with
+    # this decay a step (0: off, the last step's weights, as the reference). The averaged weights go on to stage 2
+    # and into the bundle; the training itself follows the live weights
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.adamw not in ADAMW_KINDS:
@@ -177,6 +182,8 @@ class TrainSettings:
         for name in ('few_shot_fraction', 'foreign_fraction', 'faint_fraction'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ('batch', 'threads', 'checkpoint_every'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -221,15 +228,25 @@ def seeded_probe(seed: int, width: int, k: int) -> PatchProbe:
         return PatchProbe(width, k)
 
 
-def resume_probe(ckpt: Path, state: dict, probe: PatchProbe | None, stage: str, name: str, flag: str) -> None:
-    """Load ``probe`` from a checkpoint's state; a checkpoint trained with the probe resumed without it, or the
-    other way round, exits naming the checkpoint and ``flag``."""
-    if (probe is not None) != ('probe' in state):
-        had = f'with the {name}' if 'probe' in state else f'without the {name} ({flag} 0)'
+def resume_part(ckpt: Path, state: dict, key: str, part, stage: str, name: str, flag: str) -> None:
+    """Load ``part`` (a training-only probe, the weights' average) from a checkpoint's ``state[key]``; a
+    checkpoint trained with it resumed without it, or the other way round, exits naming the checkpoint and
+    ``flag``."""
+    if (part is not None) != (key in state):
+        had = f'with the {name}' if key in state else f'without the {name} ({flag} 0)'
         raise SystemExit(f"{ckpt}: this {stage} checkpoint was trained {had}; resume it with the same "
                          f"{flag} as before, or start a new --work directory")
-    if probe is not None:
-        probe.load_state_dict(state['probe'])
+    if part is not None:
+        part.load_state_dict(state[key])
+
+
+def weight_average(module: torch.nn.Module, decay: float):
+    """An exponential moving average of ``module``'s parameters (``update_parameters(module)`` after each
+    step; the average is ``.module``), or None for ``decay`` 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def _schedule(opt, step: int, total: int, base_lr: float) -> None:
@@ -265,15 +282,18 @@ def optimizer_step(loss: torch.Tensor, params, opt) -> torch.Tensor:
 
 
 def _fit(name: str, steps: int, base_lr: float, start: int, batches, step_loss, params, opt, every: int, save,
-         seconds: float = 0.0) -> float:
-    """The optimisation loop of both stages: schedule, clipped step, progress bar, periodic checkpoint
-    (``save(step, seconds)``). ``seconds``: the stage's time before a resume; returns its total time."""
+         seconds: float = 0.0, after_step=None) -> float:
+    """The optimisation loop of both stages: schedule, clipped step, ``after_step()`` if given, progress bar,
+    periodic checkpoint (``save(step, seconds)``). ``seconds``: the stage's time before a resume; returns its
+    total time."""
     from tqdm import tqdm
     t0, elapsed = time.time() - seconds, seconds
     bar = tqdm(total=steps, initial=start, desc=name, unit='step', dynamic_ncols=True)
     for step in range(start, steps):
         _schedule(opt, step, steps, base_lr)
         loss = optimizer_step(step_loss(next(batches), step), params, opt)
+        if after_step is not None:
+            after_step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         elapsed = time.time() - t0
@@ -386,11 +406,15 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
     """Stage 1; resumes from ``ckpt``. Returns the stage's training time in seconds (over resumes)."""
     stage = VisionStage.build(model, text, s)
     opt = vision_optimizer(stage.params, s)
+    trained = torch.nn.ModuleDict({'visual_encoder': model.visual_encoder, 'image_decoder': model.image_decoder,
+                                   'text': text})
+    average = weight_average(trained, s.ema_decay)
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'], strict=False)
         text.load_state_dict(state['text'])
-        resume_probe(ckpt, state, stage.probe, 'stage-1', 'patch probe', '--probe-weight')
+        resume_part(ckpt, state, 'probe', stage.probe, 'stage-1', 'patch probe', '--probe-weight')
+        resume_part(ckpt, state, 'average', average, 'stage-1', 'weight average', '--ema-decay')
         load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed vision training at step %d", start)
@@ -405,10 +429,23 @@ def train_vision(model: AnomalyGPT, text: TextTower, dataset, s: TrainSettings, 
                    stage.loss, stage.params, opt, s.checkpoint_every,
                    lambda step, sec: save_checkpoint(ckpt, model=_vision_state(model), text=text.state_dict(),
                                                      opt=opt.state_dict(), step=step, seconds=sec,
-                                                     **({'probe': stage.probe.state_dict()} if stage.probe else {})),
-                   seconds)
+                                                     **({'probe': stage.probe.state_dict()} if stage.probe else {}),
+                                                     **({'average': average.state_dict()} if average else {})),
+                   seconds, after_step=(lambda: average.update_parameters(trained)) if average else None)
+    if average is not None:   # the checkpoint keeps the live weights, to resume from; the stage hands on the average
+        trained.load_state_dict(average.module.state_dict())
     model.eval(), text.eval()
     return seconds
+
+
+def stage_one_weights(state: dict) -> tuple[dict, dict]:
+    """(model, text-tower) weights that stage 1 hands on, from its checkpoint's ``state``: the weight average's
+    where it kept one (``ema_decay``), else the live weights."""
+    if 'average' not in state:
+        return state['model'], state['text']
+    avg = {k.removeprefix('module.'): v for k, v in state['average'].items() if k.startswith('module.')}
+    return ({k: v for k, v in avg.items() if not k.startswith('text.')},
+            {k.removeprefix('text.'): v for k, v in avg.items() if k.startswith('text.')})
 
 
 def _vision_state(model):
@@ -503,7 +540,7 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
     start, seconds = 0, 0.0
     if (state := load_checkpoint(ckpt)) is not None:
         model.load_state_dict(state['model'])
-        resume_probe(ckpt, state, probe, 'stage-2', 'cell probe', '--cell-probe-weight')
+        resume_part(ckpt, state, 'probe', probe, 'stage-2', 'cell probe', '--cell-probe-weight')
         load_optimizer(opt, state['opt'], s.adamw)
         start, seconds = int(state['step']), float(state.get('seconds', 0.0))
         log.info("resumed language training at step %d", start)

@@ -128,6 +128,7 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
     for flags, message in ((['--faint-fraction', '2'], '--faint-fraction must be in [0, 1], got 2.0'),
                            (['--foreign-fraction', '-0.1'], '--foreign-fraction must be in [0, 1]'),
                            (['--batch', '0'], '--batch must be at least 1'),
+                           (['--ema-decay', '1'], '--ema-decay must be in [0, 1), got 1.0'),
                            (['--lm-steps', '-5'], '--lm-steps must not be negative'),
                            (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative'),
                            (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative'),
@@ -266,3 +267,52 @@ def test_frozen_text_trains_the_vision_tower_and_leaves_the_text_tower_as_initia
     state = load_checkpoint(tmp_path / 'w' / 'vision.pt')
     assert all(torch.equal(v, built['text'][k]) for k, v in state['text'].items())
     assert any(not torch.equal(state['model'][k], v) for k, v in built['vision'].items())
+
+
+def test_the_weight_average_hands_stage_2_the_moving_average_of_the_live_weights(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import train
+    key = 'visual_encoder.modality_trunks.vision.blocks.0.mlp.fc1.weight'
+    live, built = [], {}
+    real = train.optimizer_step
+
+    def build(*a, **kw):
+        model, text = train_build(*a, **kw)
+        built['model'] = model
+        return model, text
+
+    def record(loss, params, opt):
+        out = real(loss, params, opt)
+        if 'model' in built and params[0] is next(built['model'].visual_encoder.parameters()):
+            live.append(dict(built['model'].named_parameters())[key].detach().clone())
+        return out
+    train_build = train.build_small
+    monkeypatch.setattr(train, 'build_small', build)
+    monkeypatch.setattr(train, 'optimizer_step', record)
+    decay = 0.5
+    assert main(args(tmp_path / 'w', 3, 0) + ['--ema-decay', str(decay)]) == 0
+    assert len(live) == 3
+    expected = live[0]            # the average starts at the first step's weights
+    for w in live[1:]:
+        expected = decay * expected + (1 - decay) * w
+    final = load_checkpoint(tmp_path / 'w' / 'final.pt')['model'][key]
+    assert torch.allclose(final, expected, atol=1e-7) and not torch.allclose(final, live[-1])
+    # the checkpoint keeps the live weights (to resume from) beside the average
+    ckpt = load_checkpoint(tmp_path / 'w' / 'vision.pt')
+    assert torch.equal(ckpt['model'][key], live[-1]) and int(ckpt['average']['n_averaged']) == 3
+    # and from it, stage 1's weights as stage 2 got them (what demo_ablation --maps-only measures)
+    weights, text_weights = train.stage_one_weights(ckpt)
+    handed = load_checkpoint(tmp_path / 'w' / 'final.pt')
+    assert weights.keys() == ckpt['model'].keys() and text_weights.keys() == handed['text'].keys()
+    assert all(torch.equal(v, handed['model'][k]) for k, v in weights.items())
+    assert all(torch.equal(v, handed['text'][k]) for k, v in text_weights.items())
+
+
+def test_a_resumed_stage_1_goes_on_averaging_and_refuses_another_average_setting(tmp_path):
+    base = args(tmp_path / 'w', 2, 0) + ['--ema-decay', '0.9']
+    assert main(base) == 0
+    assert main(args(tmp_path / 'w', 3, 0) + ['--ema-decay', '0.9']) == 0
+    assert int(load_checkpoint(tmp_path / 'w' / 'vision.pt')['average']['n_averaged']) == 3
+    before = (tmp_path / 'w' / 'vision.pt').read_bytes()
+    with pytest.raises(SystemExit, match='vision.pt: .* trained with the weight average'):
+        main(args(tmp_path / 'w', 4, 0))
+    assert (tmp_path / 'w' / 'vision.pt').read_bytes() == before
