@@ -186,6 +186,22 @@ def known_problems(results: dict, agree: dict | None, manifest: dict | None = No
     return out or ['- None measured on the held-out set beyond the limits below.']
 
 
+def ablation_set_heading(ablation_set: dict, held_out: dict) -> list[str]:
+    """The lines that say on which set an ablation table was measured, where it is not the held-out set."""
+    seed = ablation_set.get('seed', held_out['seed'])
+    if seed == held_out['seed']:
+        return []
+    n = ablation_set.get('defects_per_kind_and_class', held_out['defects_per_kind_and_class'])
+    good = ablation_set.get('good_per_class', held_out['good_per_class'])
+    if (n, good) == (held_out['defects_per_kind_and_class'], held_out['good_per_class']):
+        return [f'On a validation set (`--seed {seed}`: the same kinds and counts, other images), where the'
+                ' shipped settings were chosen, so the held-out figures are not tuned on:', '']
+    size = 'larger ' if n > held_out['defects_per_kind_and_class'] else ''
+    return [f'On a {size}validation set (`--seed {seed} --per-kind {n} --good {good}`: the same kinds, {n} defect'
+            f' images per kind and class and {good} normal ones, other images), for figures the smaller sets leave'
+            ' to chance:', '']
+
+
 def model_card(results: dict, manifest: dict) -> str:
     cfg = manifest['model']['config']
     src = manifest['model']['source']
@@ -274,10 +290,7 @@ def model_card(results: dict, manifest: dict) -> str:
                   'Other settings of `models/train.py` tried on the same held-out set, zero-shot, measured with the PyTorch',
                   'reference by `python -m anomalygpt_edge.benchmarks.demo_ablation` (the runtime gives the same answers).', '']
         for ab in ablations:
-            seed = (ab.get('held_out') or {}).get('seed', results['held_out']['seed'])
-            if seed != results['held_out']['seed']:
-                lines += [f'On a validation set (`--seed {seed}`: the same kinds and counts, other images), where the'
-                          ' shipped settings were chosen, so the held-out figures are not tuned on:', '']
+            lines += ablation_set_heading(ab.get('held_out') or {}, results['held_out'])
             if ab.get('maps_only'):
                 lines += ['Vision stages alone (`--maps-only`: their stage-1 checkpoints, maps only, no LLM):', '']
             lines += [ab['table'], '']

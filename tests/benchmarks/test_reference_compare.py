@@ -190,6 +190,11 @@ def test_model_card_carries_the_ablation_table_and_the_history():
     card = model_card(results, manifest)
     assert card.count('validation set (`--seed 2000`') == 1
     assert card.index('Vision stages alone') < card.index('validation set') < card.index('| a | 0.5 |')
+    # a set of other counts says so, with the flags that make it
+    results['ablation'][1]['held_out'] = {'seed': 3000, 'defects_per_kind_and_class': 18, 'good_per_class': 12}
+    card = model_card(results, manifest)
+    assert 'larger validation set (`--seed 3000 --per-kind 18 --good 12`: the same kinds, 18 defect images' in card
+    assert 'the same kinds and counts' not in card
     assert '\n## History\n\nThis model was resumed once.\n' in card
 
 
