@@ -70,7 +70,8 @@ class TrainSettings:
     # defect kind and class, 270 single-defect ones) 0.770 and 0.781 against 0.737 and 0.730: the LLM reads the cell
     # of a defect near a cell's edge better, where the map's own region is right (0.737 on that set, for all four).
     # Seed 1: 0.622 vs 0.544 on validation, 0.696 vs 0.681 on the larger set. On the 3500-step vision stage of an
-    # earlier demo model one draw had measured worse (location 0.656 vs 0.678)
+    # earlier demo model one draw had measured worse (location 0.656 vs 0.678). 3450 steps (10.9 min, seed + 2)
+    # gained nothing more: 0.722 on validation, 0.737 on the larger set
     lm_steps: int = 2300
     # validation set (demo_ablation --seed 2000), 3500 steps: 5e-4 gives map >= 0.5 accuracy 0.860 and image
     # AUROC 0.904 against 0.773 and 0.836 at 1e-3 and 0.740 and 0.858 at 2.5e-4, with fewer normal images
