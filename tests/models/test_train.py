@@ -273,7 +273,7 @@ def test_the_weight_average_hands_stage_2_the_moving_average_of_the_live_weights
     from anomalygpt_edge.models import train
     key = 'visual_encoder.modality_trunks.vision.blocks.0.mlp.fc1.weight'
     live, built = [], {}
-    real = train.optimizer_step
+    real, train_build = train.optimizer_step, train.build_small
 
     def build(*a, **kw):
         model, text = train_build(*a, **kw)
@@ -285,7 +285,6 @@ def test_the_weight_average_hands_stage_2_the_moving_average_of_the_live_weights
         if 'model' in built and params[0] is next(built['model'].visual_encoder.parameters()):
             live.append(dict(built['model'].named_parameters())[key].detach().clone())
         return out
-    train_build = train.build_small
     monkeypatch.setattr(train, 'build_small', build)
     monkeypatch.setattr(train, 'optimizer_step', record)
     decay = 0.5
@@ -308,8 +307,7 @@ def test_the_weight_average_hands_stage_2_the_moving_average_of_the_live_weights
 
 
 def test_a_resumed_stage_1_goes_on_averaging_and_refuses_another_average_setting(tmp_path):
-    base = args(tmp_path / 'w', 2, 0) + ['--ema-decay', '0.9']
-    assert main(base) == 0
+    assert main(args(tmp_path / 'w', 2, 0) + ['--ema-decay', '0.9']) == 0
     assert main(args(tmp_path / 'w', 3, 0) + ['--ema-decay', '0.9']) == 0
     assert int(load_checkpoint(tmp_path / 'w' / 'vision.pt')['average']['n_averaged']) == 3
     before = (tmp_path / 'w' / 'vision.pt').read_bytes()
