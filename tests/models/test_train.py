@@ -314,3 +314,31 @@ def test_a_resumed_stage_1_goes_on_averaging_and_refuses_another_average_setting
     with pytest.raises(SystemExit, match='vision.pt: .* trained with the weight average'):
         main(args(tmp_path / 'w', 4, 0))
     assert (tmp_path / 'w' / 'vision.pt').read_bytes() == before
+
+
+def test_vision_bf16_runs_the_tower_in_bfloat16_and_hands_the_decoder_float32(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import decoder, train
+    seen = {'tower': set(), 'taps': set()}
+    real_build = train.build_small
+
+    def build(*a, **kw):
+        model, text = real_build(*a, **kw)
+        fc1 = model.visual_encoder.modality_trunks['vision'].blocks[0].mlp.fc1
+        fc1.register_forward_hook(lambda m, i, out: seen['tower'].add(out.dtype) if m.training else None)
+        return model, text
+
+    def spy(dec, taps, tf, scale):
+        seen['taps'].update(t.dtype for t in taps)
+        return decoder.layer_logits(dec, taps, tf, scale)
+    monkeypatch.setattr(train, 'build_small', build)
+    monkeypatch.setattr(train, 'layer_logits', spy)
+    bf16 = _trained_weights(tmp_path / 'bf16', '--vision-bf16', steps=(2, 0))
+    assert seen == {'tower': {torch.bfloat16}, 'taps': {torch.float32}}
+    seen = {'tower': set(), 'taps': set()}
+    fp32 = _trained_weights(tmp_path / 'fp32', steps=(2, 0))
+    assert seen == {'tower': {torch.float32}, 'taps': {torch.float32}}
+    # the weights stay float32 and train to nearby, not identical, values
+    key = 'visual_encoder.modality_trunks.vision.blocks.0.mlp.fc1.weight'
+    assert bf16[key].dtype == torch.float32
+    assert not torch.equal(bf16[key], fp32[key])
+    assert torch.allclose(bf16[key], fp32[key], atol=5e-3)
