@@ -123,6 +123,17 @@ def test_boolean_settings_are_flags():
     assert args.cumulative_centres is False and args.lm_steps == 3
 
 
+
+def test_help_explains_every_setting_and_names_its_default():
+    import dataclasses
+    from anomalygpt_edge.models.train import SETTING_HELP, TrainSettings, build_parser
+    assert set(SETTING_HELP) == {f.name for f in dataclasses.fields(TrainSettings)}
+    actions = {a.dest: a for a in build_parser()._actions}
+    for f in dataclasses.fields(TrainSettings):
+        assert actions[f.name].help.startswith(SETTING_HELP[f.name]), f.name
+    text = ' '.join(build_parser().format_help().split())
+    assert f'--vision-steps VISION_STEPS {SETTING_HELP["vision_steps"]} (default: {TrainSettings.vision_steps})' in text
+
 def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsys):
     from anomalygpt_edge.models.train import TrainSettings, main
     for flags, message in ((['--faint-fraction', '2'], '--faint-fraction must be in [0, 1], got 2.0'),
