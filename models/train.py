@@ -188,8 +188,8 @@ class TrainSettings:
     # autocast of the whole step gained nothing on the Intel Xeon (AMX). The time saved bought 5400 vision steps
     # in 22.5 min (validation: 0.955 / 0.932 image / pixel AUROC, Yes/No 0.927, location 0.644 against 4000
     # float32 steps' 0.968 / 0.941 / 0.947 / 0.733), so it stays off. At 4000 steps (16.8 min) its maps measured
-    # 0.946 / 0.944 there: bfloat16 rounding sends the training on another path, as another seed would. Seeds 5
-    # and 6 in bfloat16: 0.965 / 0.924 and 0.933 / 0.917 (17.1 and 17.2 min)
+    # 0.946 / 0.944 there: bfloat16 rounding sends the training on another path, as another seed would. Seeds 5,
+    # 6 and 7 in bfloat16: 0.965 / 0.924, 0.933 / 0.917 and 0.940 / 0.920 (16.9-17.2 min)
     vision_bf16: bool = False
 
     def __post_init__(self):
