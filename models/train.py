@@ -209,6 +209,40 @@ class TrainSettings:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
+# one line per setting for the command line's --help (the comments above say what each was measured to do)
+SETTING_HELP = {
+    'seed': 'seed of the weights, the simulated data and the batch order',
+    'batch': 'images per step: half normal, half with a simulated anomaly',
+    'vision_steps': 'stage-1 steps (vision tower, decoder, text tower)',
+    'lm_steps': 'stage-2 steps (prompt learner, llama_proj, LLM)',
+    'lr_vision': "stage 1's peak learning rate (linear warm-up, then linear decay)",
+    'lr_lm': "stage 2's peak learning rate",
+    'threads': 'torch threads (one more process makes the batches)',
+    'checkpoint_every': 'steps between checkpoints in --work (a stopped run resumes from the last)',
+    'separation_weight': "weight of stage 1's term pushing each class's normal and abnormal text features apart",
+    'clamped_focal': "the reference's focal loss, its p_t clamped at 1e-5 (--no-clamped-focal: unclamped)",
+    'text_warmup_steps': 'steps training the text features apart before stage 1 (0: none)',
+    'logit_scale_ramp_steps': "steps over which stage 1's decoder scale rises to the reference's 100 "
+                              '(0: 100 throughout)',
+    'frozen_text': 'keep the text tower as initialised in stage 1',
+    'probe_weight': 'weight of the training-only per-patch probe loss on the tapped layers (0: off)',
+    'few_shot_fraction': "share of stage 2's batches on few-shot maps",
+    'verdict_weight': "stage 2's loss weight of the Yes/No token",
+    'position_weight': "stage 2's loss weight of the count and position words",
+    'language_seed_offset': "stage 2's data seed is seed + this (0: stage 1's own images)",
+    'foreign_fraction': 'share of simulated anomalies that are foreign-content blobs instead of NSA patches',
+    'map_agreement': "stage 2 learns an anomaly's answer only where its map peaks on the label",
+    'cumulative_centres': 'name a second patch by the centre of the box around both patches, as the reference '
+                          '(--no-cumulative-centres: by its own centre)',
+    'faint_fraction': 'share of simulated anomalies blended back towards the normal image',
+    'cell_probe_weight': "weight of stage 2's training-only probe on the 9 map-derived prompts (0: off)",
+    'adamw': "AdamW's implementation: foreach and loop train the same weights, fused rounds differently",
+    'ema_decay': "hand stage 2 an exponential moving average of stage 1's weights with this decay (0: off)",
+    'vision_bf16': "run stage 1's vision tower under bfloat16 autocast (faster on some CPUs; trains other weights)",
+}
+
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, **state) -> None:
     tmp = path.with_name(path.name + '.partial')
@@ -347,39 +381,6 @@ def separate_text_features(text: TextTower, categories, steps: int, lr: float,
 
 LOGIT_SCALE_START = 4.0
 
-
-
-# one line per setting for the command line's --help (the comments above say what each was measured to do)
-SETTING_HELP = {
-    'seed': 'seed of the weights, the simulated data and the batch order',
-    'batch': 'images per step: half normal, half with a simulated anomaly',
-    'vision_steps': 'stage-1 steps (vision tower, decoder, text tower)',
-    'lm_steps': 'stage-2 steps (prompt learner, llama_proj, LLM)',
-    'lr_vision': "stage 1's peak learning rate (linear warm-up, then linear decay)",
-    'lr_lm': "stage 2's peak learning rate",
-    'threads': 'torch threads (one more process makes the batches)',
-    'checkpoint_every': 'steps between checkpoints in --work (a stopped run resumes from the last)',
-    'separation_weight': "weight of stage 1's term pushing each class's normal and abnormal text features apart",
-    'clamped_focal': "the reference's focal loss, its p_t clamped at 1e-5 (--no-clamped-focal: unclamped)",
-    'text_warmup_steps': 'steps training the text features apart before stage 1 (0: none)',
-    'logit_scale_ramp_steps': "steps over which stage 1's decoder scale rises to the reference's 100 "
-                              '(0: 100 throughout)',
-    'frozen_text': 'keep the text tower as initialised in stage 1',
-    'probe_weight': 'weight of the training-only per-patch probe loss on the tapped layers (0: off)',
-    'few_shot_fraction': "share of stage 2's batches on few-shot maps",
-    'verdict_weight': "stage 2's loss weight of the Yes/No token",
-    'position_weight': "stage 2's loss weight of the count and position words",
-    'language_seed_offset': "stage 2's data seed is seed + this (0: stage 1's own images)",
-    'foreign_fraction': 'share of simulated anomalies that are foreign-content blobs instead of NSA patches',
-    'map_agreement': "stage 2 learns an anomaly's answer only where its map peaks on the label",
-    'cumulative_centres': 'name a second patch by the centre of the box around both patches, as the reference '
-                          '(--no-cumulative-centres: by its own centre)',
-    'faint_fraction': 'share of simulated anomalies blended back towards the normal image',
-    'cell_probe_weight': "weight of stage 2's training-only probe on the 9 map-derived prompts (0: off)",
-    'adamw': "AdamW's implementation: foreach and loop train the same weights, fused rounds differently",
-    'ema_decay': "hand stage 2 an exponential moving average of stage 1's weights with this decay (0: off)",
-    'vision_bf16': "run stage 1's vision tower under bfloat16 autocast (faster on some CPUs; trains other weights)",
-}
 
 def logit_scale(step: int, ramp_steps: int) -> float:
     """Stage 1's decoder logit scale at ``step``: from LOGIT_SCALE_START at step 0 up to the reference's

@@ -123,7 +123,6 @@ def test_boolean_settings_are_flags():
     assert args.cumulative_centres is False and args.lm_steps == 3
 
 
-
 def test_help_explains_every_setting_and_names_its_default():
     import dataclasses
     from anomalygpt_edge.models.train import SETTING_HELP, TrainSettings, build_parser
@@ -133,6 +132,7 @@ def test_help_explains_every_setting_and_names_its_default():
         assert actions[f.name].help.startswith(SETTING_HELP[f.name]), f.name
     text = ' '.join(build_parser().format_help().split())
     assert f'--vision-steps VISION_STEPS {SETTING_HELP["vision_steps"]} (default: {TrainSettings.vision_steps})' in text
+
 
 def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsys):
     from anomalygpt_edge.models.train import TrainSettings, main
