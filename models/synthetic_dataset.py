@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import spec
-from .anomaly_sim import BINARY_THRESHOLD, simulate
+from .anomaly_sim import BINARY_THRESHOLD, SIM_PARAMS, SimParams, simulate
 from .foreign_sim import simulate_foreign
 from .defects import DEFECT_KINDS, DefectResult, add_defect
 from .synthetic import CATEGORIES, get_category, normal_image
@@ -45,7 +45,8 @@ class SyntheticAnomalyDataset(Dataset):
     answers (2 strings each), category, and ``positions`` of the simulated image's patches."""
 
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
-                 cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0):
+                 cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0,
+                 nsa_size_scale: float | None = None):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
@@ -58,6 +59,10 @@ class SyntheticAnomalyDataset(Dataset):
         self.foreign_fraction = foreign_fraction
         # the share of simulated images made faint (their change scaled by FAINT_STRENGTH), to teach subtler changes
         self.faint_fraction = faint_fraction
+        if nsa_size_scale is not None and nsa_size_scale <= 0:
+            raise ValueError(f"nsa_size_scale must be positive, got {nsa_size_scale}")
+        # the scale of the Gamma draw of NSA patch half-widths (None: each class's SimParams, the reference's)
+        self.nsa_size_scale = nsa_size_scale
         # each sample renders two normal images (its own and the patch source); caching them keeps
         # ~150 kB per sample and leaves only the simulation per item (per DataLoader worker)
         self._cache: dict[int, np.ndarray] | None = {} if cache_normals else None
@@ -93,12 +98,20 @@ class SyntheticAnomalyDataset(Dataset):
             sim = simulate_foreign(dest, self.normal(src_index), self.category_of(index), rng)
         else:
             sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
+                           params=self._nsa_params(self.category_of(index)),
                            cumulative_centres=self.cumulative_centres)
         if self.faint_fraction and sim.is_anomalous and rng.random() < self.faint_fraction:
             keep = rng.uniform(*FAINT_STRENGTH)
             faint = dest + keep * (sim.image.astype(np.float32) - dest)
             sim = dataclasses.replace(sim, image=np.clip(faint + 0.5, 0, 255).astype(np.uint8))
         return dest, sim
+
+    def _nsa_params(self, category: str) -> SimParams | None:
+        if self.nsa_size_scale is None:
+            return None
+        p = SIM_PARAMS.get(category, SimParams())
+        shape, _, offset = p.gamma
+        return dataclasses.replace(p, gamma=(shape, self.nsa_size_scale, offset))
 
     def __getitem__(self, index: int) -> dict:
         dest, sim = self.simulated(index)

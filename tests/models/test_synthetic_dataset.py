@@ -173,3 +173,21 @@ def test_faint_fraction_blends_the_anomaly_back_towards_the_normal_image():
     assert checked >= 5
     with pytest.raises(ValueError, match='faint_fraction'):
         SyntheticAnomalyDataset(4, faint_fraction=-0.1)
+
+
+def test_nsa_size_scale_draws_smaller_patches():
+    def mean_rect_area(ds):
+        areas = [(r1 - r0) * (c1 - c0) for i in range(24) for r0, r1, c0, c1 in ds.simulated(i)[1].rects]
+        return np.mean(areas)
+
+    reference = SyntheticAnomalyDataset(24, seed=5)
+    # the reference's own scale keeps its stream exactly
+    same = SyntheticAnomalyDataset(24, seed=5, nsa_size_scale=anomaly_sim.SIM_PARAMS['wood_grain'].gamma[1])
+    assert all(np.array_equal(reference.simulated(i)[1].image, same.simulated(i)[1].image) for i in range(6))
+    small = SyntheticAnomalyDataset(24, seed=5, nsa_size_scale=0.02)
+    assert mean_rect_area(small) < 0.6 * mean_rect_area(reference)
+    # the class's other settings stay: the washer keeps its object resize bounds and background skip
+    params = small._nsa_params('washer')
+    assert params.gamma[1] == 0.02 and params.background == anomaly_sim.SIM_PARAMS['washer'].background
+    with pytest.raises(ValueError, match='nsa_size_scale'):
+        SyntheticAnomalyDataset(4, nsa_size_scale=0.0)
