@@ -46,7 +46,7 @@ class SyntheticAnomalyDataset(Dataset):
 
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
                  cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0,
-                 nsa_size_scale: float | None = None):
+                 nsa_size_scale: float | None = None, logistic: dict[str, tuple[float, float]] | None = None):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
@@ -63,6 +63,10 @@ class SyntheticAnomalyDataset(Dataset):
             raise ValueError(f"nsa_size_scale must be positive, got {nsa_size_scale}")
         # the scale of the Gamma draw of NSA patch half-widths (None: each class's SimParams, the reference's)
         self.nsa_size_scale = nsa_size_scale
+        # per-class (k, x0) of the label's logistic, replacing SIM_PARAMS' for both simulators
+        self.logistic = dict(logistic or {})
+        for name in self.logistic:
+            get_category(name)
         # each sample renders two normal images (its own and the patch source); caching them keeps
         # ~150 kB per sample and leaves only the simulation per item (per DataLoader worker)
         self._cache: dict[int, np.ndarray] | None = {} if cache_normals else None
@@ -95,10 +99,11 @@ class SyntheticAnomalyDataset(Dataset):
         src_index = (index + 1 + int(rng.integers(self.length - 1))) % self.length   # any sample but this one
         dest = self.normal(index)
         if self.foreign_fraction and rng.random() < self.foreign_fraction:
-            sim = simulate_foreign(dest, self.normal(src_index), self.category_of(index), rng)
+            sim = simulate_foreign(dest, self.normal(src_index), self.category_of(index), rng,
+                                   sim_params=self._sim_params(self.category_of(index)))
         else:
             sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
-                           params=self._nsa_params(self.category_of(index)),
+                           params=self._sim_params(self.category_of(index)),
                            cumulative_centres=self.cumulative_centres)
         if self.faint_fraction and sim.is_anomalous and rng.random() < self.faint_fraction:
             keep = rng.uniform(*FAINT_STRENGTH)
@@ -106,12 +111,17 @@ class SyntheticAnomalyDataset(Dataset):
             sim = dataclasses.replace(sim, image=np.clip(faint + 0.5, 0, 255).astype(np.uint8))
         return dest, sim
 
-    def _nsa_params(self, category: str) -> SimParams | None:
-        if self.nsa_size_scale is None:
+    def _sim_params(self, category: str) -> SimParams | None:
+        """The class's simulation settings with this dataset's overrides (None: none, SIM_PARAMS' own)."""
+        if self.nsa_size_scale is None and category not in self.logistic:
             return None
         p = SIM_PARAMS.get(category, SimParams())
-        shape, _, offset = p.gamma
-        return dataclasses.replace(p, gamma=(shape, self.nsa_size_scale, offset))
+        if self.nsa_size_scale is not None:
+            shape, _, offset = p.gamma
+            p = dataclasses.replace(p, gamma=(shape, self.nsa_size_scale, offset))
+        if category in self.logistic:
+            p = dataclasses.replace(p, logistic=tuple(self.logistic[category]))
+        return p
 
     def __getitem__(self, index: int) -> dict:
         dest, sim = self.simulated(index)

@@ -187,7 +187,27 @@ def test_nsa_size_scale_draws_smaller_patches():
     small = SyntheticAnomalyDataset(24, seed=5, nsa_size_scale=0.02)
     assert mean_rect_area(small) < 0.6 * mean_rect_area(reference)
     # the class's other settings stay: the washer keeps its object resize bounds and background skip
-    params = small._nsa_params('washer')
+    params = small._sim_params('washer')
     assert params.gamma[1] == 0.02 and params.background == anomaly_sim.SIM_PARAMS['washer'].background
     with pytest.raises(ValueError, match='nsa_size_scale'):
         SyntheticAnomalyDataset(4, nsa_size_scale=0.0)
+
+
+def test_logistic_override_relabels_only_its_class():
+    reference = SyntheticAnomalyDataset(40, seed=3, foreign_fraction=0.3)
+    texture = SimParams().logistic
+    relabelled = SyntheticAnomalyDataset(40, seed=3, foreign_fraction=0.3, logistic={'wood_grain': texture})
+    wood_grew = 0
+    for i in range(40):
+        _, a = reference.simulated(i)
+        _, b = relabelled.simulated(i)
+        assert np.array_equal(a.image, b.image)                 # the same anomaly, only its label differs
+        if reference.category_of(i) != 'wood_grain':
+            assert np.array_equal(a.mask, b.mask)
+            continue
+        # the textures' logistic (1/3, 7) labels more of a subtle change than wood's softer (1/6, 15)
+        assert b.binary_mask.sum() >= a.binary_mask.sum()
+        wood_grew += int(b.binary_mask.sum() > a.binary_mask.sum())
+    assert wood_grew >= 1
+    with pytest.raises(KeyError, match='carpet'):
+        SyntheticAnomalyDataset(4, logistic={'carpet': texture})

@@ -354,3 +354,12 @@ def test_vision_bf16_runs_the_tower_in_bfloat16_and_hands_the_decoder_float32(tm
     assert bf16[key].dtype == torch.float32
     assert not torch.equal(bf16[key], fp32[key])
     assert torch.allclose(bf16[key], fp32[key], atol=5e-3)
+
+
+def test_wood_soft_label_switches_wood_grain_to_the_textures_logistic():
+    from anomalygpt_edge.models.anomaly_sim import SIM_PARAMS
+    from anomalygpt_edge.models.train import TrainSettings, simulation_logistic
+    assert simulation_logistic(TrainSettings()) == {}
+    switched = simulation_logistic(TrainSettings(wood_soft_label=False))
+    assert switched == {'wood_grain': SIM_PARAMS['woven_fabric'].logistic}
+    assert switched['wood_grain'] != SIM_PARAMS['wood_grain'].logistic
