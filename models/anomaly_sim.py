@@ -29,6 +29,9 @@ class SimParams:
     background: tuple[float, float] | None = None         # (brightness, threshold): skip plain background
     num_patches: int = 2
     gamma: tuple[float, float, float] = (2.0, 0.05, 0.03)  # (shape, scale, offset) of the half-width
+    # share of patches with one half-width (a random axis) at its lower bound instead of the Gamma draw: thin
+    # stripes, still within the reference's width bounds (0: the reference's stream, no extra draw)
+    thin_fraction: float = 0.0
     min_object_pct: float = 0.0
     min_overlap_pct: float = 0.25
     tol: float = 1.0
@@ -135,6 +138,8 @@ def _place_patch(dest, src_img, dest_obj, src_obj, p: SimParams, rng, forced: Fo
         shape, scale, offset = p.gamma
         hw1 = int(np.clip((offset + rng.gamma(shape, scale)) * dims[0], min1, max1))
         hw2 = int(np.clip((offset + rng.gamma(shape, scale)) * dims[1], min2, max2))
+        if p.thin_fraction and rng.random() < p.thin_fraction:
+            hw1, hw2 = (min1, hw2) if rng.integers(2) == 0 else (hw1, min2)
 
     for _ in range(p.attempts):
         if forced.src_centre is not None:

@@ -46,13 +46,15 @@ class SyntheticAnomalyDataset(Dataset):
 
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
                  cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0,
-                 nsa_size_scale: float | None = None, logistic: dict[str, tuple[float, float]] | None = None):
+                 nsa_size_scale: float | None = None, logistic: dict[str, tuple[float, float]] | None = None,
+                 nsa_thin_fraction: float = 0.0):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
         self.length, self.seed, self.epoch = length, seed, 0
         self.cumulative_centres = cumulative_centres
-        for name, value in (('foreign_fraction', foreign_fraction), ('faint_fraction', faint_fraction)):
+        for name, value in (('foreign_fraction', foreign_fraction), ('faint_fraction', faint_fraction),
+                            ('nsa_thin_fraction', nsa_thin_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         # the share of simulated images made by ``foreign_sim`` instead of the reference's NSA patches
@@ -63,6 +65,8 @@ class SyntheticAnomalyDataset(Dataset):
             raise ValueError(f"nsa_size_scale must be positive, got {nsa_size_scale}")
         # the scale of the Gamma draw of NSA patch half-widths (None: each class's SimParams, the reference's)
         self.nsa_size_scale = nsa_size_scale
+        # the share of NSA patches drawn as thin stripes (SimParams.thin_fraction)
+        self.nsa_thin_fraction = nsa_thin_fraction
         # per-class (k, x0) of the label's logistic, replacing SIM_PARAMS' for both simulators
         self.logistic = dict(logistic or {})
         for name in self.logistic:
@@ -113,9 +117,11 @@ class SyntheticAnomalyDataset(Dataset):
 
     def _sim_params(self, category: str) -> SimParams | None:
         """The class's simulation settings with this dataset's overrides (None: none, SIM_PARAMS' own)."""
-        if self.nsa_size_scale is None and category not in self.logistic:
+        if self.nsa_size_scale is None and not self.nsa_thin_fraction and category not in self.logistic:
             return None
         p = SIM_PARAMS.get(category, SimParams())
+        if self.nsa_thin_fraction:
+            p = dataclasses.replace(p, thin_fraction=self.nsa_thin_fraction)
         if self.nsa_size_scale is not None:
             shape, _, offset = p.gamma
             p = dataclasses.replace(p, gamma=(shape, self.nsa_size_scale, offset))

@@ -193,6 +193,26 @@ def test_nsa_size_scale_draws_smaller_patches():
         SyntheticAnomalyDataset(4, nsa_size_scale=0.0)
 
 
+def test_nsa_thin_fraction_draws_stripes_within_the_reference_bounds():
+    def sides(ds):
+        return [(r1 - r0, c1 - c0) for i in range(24) for r0, r1, c0, c1 in ds.simulated(i)[1].rects]
+
+    reference = SyntheticAnomalyDataset(24, seed=5)
+    thin = SyntheticAnomalyDataset(24, seed=5, nsa_thin_fraction=1.0)
+    # one side cut at twice the lower half-width bound (2 x 7 px here), resized by at most 2x
+    bound = 4 * int(np.round(SimParams().width_bounds[0][0] * 224))
+    assert all(min(hw) <= bound for hw in sides(thin)) and len(sides(thin)) >= 20
+    # stripes: far more elongated patches than the reference's draw gives
+    assert np.median([max(hw) / min(hw) for hw in sides(thin)]) > 2 * np.median(
+        [max(hw) / min(hw) for hw in sides(reference)])
+    # 0: the reference's stream exactly (no extra draw)
+    off = SyntheticAnomalyDataset(24, seed=5, nsa_thin_fraction=0.0)
+    assert all(np.array_equal(reference.simulated(i)[1].image, off.simulated(i)[1].image) for i in range(6))
+    assert thin._sim_params('washer').background == anomaly_sim.SIM_PARAMS['washer'].background
+    with pytest.raises(ValueError, match='nsa_thin_fraction'):
+        SyntheticAnomalyDataset(4, nsa_thin_fraction=1.5)
+
+
 def test_logistic_override_relabels_only_its_class():
     reference = SyntheticAnomalyDataset(40, seed=3, foreign_fraction=0.3)
     texture = SimParams().logistic

@@ -144,7 +144,8 @@ def test_a_setting_out_of_range_is_a_usage_error_naming_its_flag(tmp_path, capsy
                            (['--text-warmup-steps', '-1'], '--text-warmup-steps must not be negative'),
                            (['--logit-scale-ramp-steps', '-2'], '--logit-scale-ramp-steps must not be negative'),
                            (['--adamw', 'sgd'], "--adamw: invalid choice: 'sgd'"),
-                           (['--nsa-size-scale', '0'], '--nsa-size-scale must be positive, got 0.0')):
+                           (['--nsa-size-scale', '0'], '--nsa-size-scale must be positive, got 0.0'),
+                           (['--nsa-thin-fraction', '2'], '--nsa-thin-fraction must be in [0, 1], got 2.0')):
         with pytest.raises(SystemExit) as e:
             main(['--work', str(tmp_path / 'w'), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
