@@ -364,3 +364,27 @@ def test_wood_soft_label_switches_wood_grain_to_the_textures_logistic():
     switched = simulation_logistic(TrainSettings(wood_soft_label=False))
     assert switched == {'wood_grain': SIM_PARAMS['woven_fabric'].logistic}
     assert switched['wood_grain'] != SIM_PARAMS['wood_grain'].logistic
+
+
+def test_each_stage_simulates_with_its_own_nsa_scale(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import train
+    seen = {}
+
+    def vision(model, text, dataset, s, ckpt):
+        seen['vision'] = dataset
+        return 0.0
+
+    def language(model, text, tokenizer, dataset, s, ckpt):
+        seen['language'] = dataset
+        return 0.0
+    monkeypatch.setattr(train, 'train_vision', vision)
+    monkeypatch.setattr(train, 'train_language', language)
+    assert main(args(tmp_path / 'w', 1, 1) + ['--nsa-size-scale', '0.035', '--lm-nsa-size-scale', '0.05',
+                                              '--language-seed-offset', '0']) == 0
+    assert seen['vision'].nsa_size_scale == 0.035 and seen['language'].nsa_size_scale == 0.05
+    assert seen['vision'].seed == seen['language'].seed
+    seen.clear()
+    # one scale and no seed offset: stage 2 reads stage 1's own stream
+    assert main(args(tmp_path / 'v', 1, 1) + ['--nsa-size-scale', '0.035', '--lm-nsa-size-scale', '0.035',
+                                              '--language-seed-offset', '0']) == 0
+    assert seen['language'] is seen['vision']
