@@ -202,6 +202,21 @@ def ablation_set_heading(ablation_set: dict, held_out: dict) -> list[str]:
             ' to chance:', '']
 
 
+def nsa_departures(settings: dict) -> str:
+    """How the recorded training settings depart from the reference's NSA draw (empty when they do not)."""
+    from ..models.anomaly_sim import SimParams
+    reference = SimParams().gamma[1]
+    vision, language = settings.get('nsa_size_scale', reference), settings.get('lm_nsa_size_scale', reference)
+    parts = []
+    if vision != reference or language != reference:
+        parts.append(f"NSA patch half-widths drawn at scale {vision:g} in stage 1 and {language:g} in stage 2 "
+                     f"(the reference's {reference:g})")
+    if settings.get('nsa_thin_fraction'):
+        parts.append(f"{settings['nsa_thin_fraction']:.0%} of NSA patches drawn as thin stripes, one half-width at "
+                     "the reference's lower bound")
+    return ''.join(f'; {p}' for p in parts)
+
+
 def model_card(results: dict, manifest: dict) -> str:
     cfg = manifest['model']['config']
     src = manifest['model']['source']
@@ -237,6 +252,7 @@ def model_card(results: dict, manifest: dict) -> str:
            ' the DRAEM style (another texture, the surface darker or lighter, a colour field or blur, in a smooth-noise'
            ' blob; `models/foreign_sim.py`), since a tower trained from scratch on pasted patches alone learns only'
            ' "pasted texture"' if src.get('settings', {}).get('foreign_fraction') else '')
+        + nsa_departures(src.get('settings', {}))
         + '; with the reference\'s conversation templates and 3x3 position words.',
         'Stage 1 trains the vision tower, decoder and text tower with focal + dice loss on the 4 layer maps'
         + (f" and, weighted {src['settings']['probe_weight']:g}, a training-only per-patch probe loss on each tapped"

@@ -63,3 +63,16 @@ def test_card_shows_intervals_and_says_whether_a_missed_target_is_within_one():
     assert '95 % intervals' in card
     one = next(line for line in card.splitlines() if line.startswith('| 1-shot |'))
     assert '(' not in one            # no intervals stored for it: plain figures
+
+
+def test_card_says_where_the_simulation_departs_from_the_reference_nsa():
+    results = json.loads((DEMO / 'results.json').read_text())
+    manifest = json.loads((DEMO / 'bundle' / 'manifest.json').read_text())
+
+    def training_data(settings):
+        manifest['model']['source']['settings'] = settings
+        card = demo_report.model_card(results, manifest)
+        return card[card.index('## Training data'):card.index('Stage 1 trains')]
+    assert 'NSA patch half-widths' not in training_data({}) and 'stripes' not in training_data({})
+    text = training_data({'nsa_size_scale': 0.035, 'lm_nsa_size_scale': 0.05, 'nsa_thin_fraction': 0.3})
+    assert 'scale 0.035 in stage 1 and 0.05 in stage 2' in text and '30% of NSA patches drawn as thin' in text
