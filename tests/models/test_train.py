@@ -366,7 +366,7 @@ def test_wood_soft_label_switches_wood_grain_to_the_textures_logistic():
     assert switched['wood_grain'] != SIM_PARAMS['wood_grain'].logistic
 
 
-def test_each_stage_simulates_with_its_own_nsa_scale(tmp_path, monkeypatch):
+def test_each_stage_simulates_with_its_own_nsa_settings(tmp_path, monkeypatch):
     from anomalygpt_edge.models import train
     seen = {}
 
@@ -380,11 +380,14 @@ def test_each_stage_simulates_with_its_own_nsa_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'train_vision', vision)
     monkeypatch.setattr(train, 'train_language', language)
     assert main(args(tmp_path / 'w', 1, 1) + ['--nsa-size-scale', '0.035', '--lm-nsa-size-scale', '0.05',
+                                              '--nsa-thin-fraction', '0.3', '--lm-nsa-thin-fraction', '0',
                                               '--language-seed-offset', '0']) == 0
     assert seen['vision'].nsa_size_scale == 0.035 and seen['language'].nsa_size_scale == 0.05
+    assert seen['vision'].nsa_thin_fraction == 0.3 and seen['language'].nsa_thin_fraction == 0.0
     assert seen['vision'].seed == seen['language'].seed
     seen.clear()
-    # one scale and no seed offset: stage 2 reads stage 1's own stream
+    # the same settings and no seed offset: stage 2 reads stage 1's own stream
     assert main(args(tmp_path / 'v', 1, 1) + ['--nsa-size-scale', '0.035', '--lm-nsa-size-scale', '0.035',
+                                              '--nsa-thin-fraction', '0.3', '--lm-nsa-thin-fraction', '0.3',
                                               '--language-seed-offset', '0']) == 0
     assert seen['language'] is seen['vision']
