@@ -1,7 +1,7 @@
 # `make test`: create .venv, install everything (training side + runtime + dev), run the tests.
 # `make demo`: install the runtime only (no torch) in .venv-runtime and inspect the shipped samples
 #              with the shipped demo model; heatmap overlays go to demo-out/.
-# `make demo-model`: retrain the demo model (29 min on 2 AMD EPYC cores, ~37 on an Intel Xeon, more on a slow day), re-export and re-measure it.
+# `make demo-model`: retrain the demo model (28 min on 2 AMD EPYC cores, ~36 on an Intel Xeon, more on a slow day), re-export and re-measure it.
 PYTHON ?= python3
 VENV ?= .venv
 RUNTIME_VENV ?= .venv-runtime

@@ -211,9 +211,12 @@ def nsa_departures(settings: dict) -> str:
     if vision != reference or language != reference:
         parts.append(f"NSA patch half-widths drawn at scale {vision:g} in stage 1 and {language:g} in stage 2 "
                      f"(the reference's {reference:g})")
-    if settings.get('nsa_thin_fraction'):
-        parts.append(f"{settings['nsa_thin_fraction']:.0%} of NSA patches drawn as thin stripes, one half-width at "
-                     "the reference's lower bound")
+    thin, lm_thin = settings.get('nsa_thin_fraction', 0.0), settings.get('lm_nsa_thin_fraction', 0.0)
+    if thin or lm_thin:
+        share = (f"{thin:.0%} of NSA patches" if thin == lm_thin else
+                 f"{thin:.0%} of stage 1's NSA patches" + (" (none of stage 2's)" if not lm_thin else
+                                                            f" and {lm_thin:.0%} of stage 2's"))
+        parts.append(f"{share} drawn as thin stripes, one half-width at the reference's lower bound")
     return ''.join(f'; {p}' for p in parts)
 
 

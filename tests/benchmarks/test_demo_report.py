@@ -74,5 +74,8 @@ def test_card_says_where_the_simulation_departs_from_the_reference_nsa():
         card = demo_report.model_card(results, manifest)
         return card[card.index('## Training data'):card.index('Stage 1 trains')]
     assert 'NSA patch half-widths' not in training_data({}) and 'stripes' not in training_data({})
-    text = training_data({'nsa_size_scale': 0.035, 'lm_nsa_size_scale': 0.05, 'nsa_thin_fraction': 0.3})
+    text = training_data({'nsa_size_scale': 0.035, 'lm_nsa_size_scale': 0.05, 'nsa_thin_fraction': 0.3,
+                          'lm_nsa_thin_fraction': 0.3})
     assert 'scale 0.035 in stage 1 and 0.05 in stage 2' in text and '30% of NSA patches drawn as thin' in text
+    text = training_data({'nsa_thin_fraction': 0.3, 'lm_nsa_thin_fraction': 0.0})
+    assert "30% of stage 1's NSA patches (none of stage 2's) drawn as thin" in text and 'scale' not in text
