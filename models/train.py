@@ -830,19 +830,17 @@ def main(argv=None) -> int:
             log.warning("%s carries no training settings: the bundle records this command line's",
                         work / 'final.pt')
     else:
-        dataset = SyntheticAnomalyDataset(args.samples, seed=s.seed, cache_normals=True,
-                                          foreign_fraction=s.foreign_fraction, cumulative_centres=s.cumulative_centres,
-                                          faint_fraction=s.faint_fraction, nsa_size_scale=s.nsa_size_scale,
-                                          nsa_thin_fraction=s.nsa_thin_fraction,
-                                          logistic=simulation_logistic(s))
+        def simulated(seed: int, size_scale: float, thin_fraction: float) -> SyntheticAnomalyDataset:
+            return SyntheticAnomalyDataset(args.samples, seed=seed, cache_normals=True,
+                                           foreign_fraction=s.foreign_fraction,
+                                           cumulative_centres=s.cumulative_centres, faint_fraction=s.faint_fraction,
+                                           nsa_size_scale=size_scale, nsa_thin_fraction=thin_fraction,
+                                           logistic=simulation_logistic(s))
+        dataset = simulated(s.seed, s.nsa_size_scale, s.nsa_thin_fraction)
         same_stream = (not s.language_seed_offset and s.lm_nsa_size_scale == s.nsa_size_scale
                        and s.lm_nsa_thin_fraction == s.nsa_thin_fraction)
         lm_dataset = dataset if same_stream else \
-            SyntheticAnomalyDataset(args.samples, seed=s.seed + s.language_seed_offset, cache_normals=True,
-                                    foreign_fraction=s.foreign_fraction, cumulative_centres=s.cumulative_centres,
-                                    faint_fraction=s.faint_fraction, nsa_size_scale=s.lm_nsa_size_scale,
-                                    nsa_thin_fraction=s.lm_nsa_thin_fraction,
-                                    logistic=simulation_logistic(s))
+            simulated(s.seed + s.language_seed_offset, s.lm_nsa_size_scale, s.lm_nsa_thin_fraction)
         # stage times add up over resumed runs (each checkpoint carries its stage's seconds so far)
         vision_s = train_vision(model, text, dataset, s, work / 'vision.pt')
         log.info("vision stage: %.1f min of training", vision_s / 60)
