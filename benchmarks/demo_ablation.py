@@ -154,7 +154,9 @@ def kept_runs(args, held_out: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.benchmarks.demo_ablation', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('runs', nargs='+', metavar='NAME=WORK', help='a label and a training directory')
+    ap.add_argument('runs', nargs='*', metavar='NAME=WORK',
+                    help="a label and a training directory; none, with --keep: only relabel or drop the kept runs "
+                         "(the kept report's held-out set and mode)")
     ap.add_argument('--json', required=True, help='write the figures here')
     ap.add_argument('--config', default='small', help='the model config the runs were trained with')
     ap.add_argument('--per-kind', type=int, default=6, help='held-out images per defect kind and class')
@@ -171,6 +173,17 @@ def main(argv=None) -> int:
     ap.add_argument('--rename', action='append', default=[], nargs=2, metavar=('OLD', 'NEW'),
                     help='give a kept run a new label, e.g. once it is no longer the shipped one (repeatable)')
     args = ap.parse_args(argv)
+    if not args.runs:
+        if not args.keep:
+            ap.error('give at least one NAME=WORK to measure, or --keep OLD.json to relabel')
+        try:
+            old = json.loads(Path(args.keep).read_text())
+            args.seed, args.good, args.per_kind = (old['held_out'][k] for k in
+                                                   ('seed', 'good_per_class', 'defects_per_kind_and_class'))
+            args.maps_only = bool(old.get('maps_only'))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"demo_ablation: --keep {args.keep}: not a report of this script ({e})", file=sys.stderr)
+            return 2
     held_out = {'seed': args.seed, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
                 'defects_per_kind_and_class': args.per_kind}
     try:
@@ -189,12 +202,13 @@ def main(argv=None) -> int:
     from ..models.synthetic import CATEGORIES
     from ..models.synthetic_dataset import write_mvtec_layout
     results = {n: r for n, r in kept.items() if n not in runs}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / 'heldout'
-        write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
-                           n_test_defect=args.per_kind, seed=args.seed, defect_kinds=DEFECTS)
-        for name, work in runs.items():
-            results[name] = measure(work, root, args.config, maps_only=args.maps_only)
+    if runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / 'heldout'
+            write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
+                               n_test_defect=args.per_kind, seed=args.seed, defect_kinds=DEFECTS)
+            for name, work in runs.items():
+                results[name] = measure(work, root, args.config, maps_only=args.maps_only)
     report = {'maps_only': args.maps_only, 'held_out': held_out, 'runs': results, 'table': markdown(results)}
     tmp_path = Path(args.json).with_name(Path(args.json).name + '.partial')
     tmp_path.write_text(json.dumps(report, indent=1))

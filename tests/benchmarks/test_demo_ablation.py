@@ -1,6 +1,8 @@
 """The recipe comparison measures each training directory on the held-out set (tiny config)."""
 import json
 
+import pytest
+
 from anomalygpt_edge.benchmarks import demo_ablation
 from anomalygpt_edge.models.synthetic import CATEGORIES
 from anomalygpt_edge.models.train import main as train
@@ -38,6 +40,18 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     assert json.loads(val.read_text())['held_out']['seed'] == 7
     assert demo_ablation.main(['--json', str(more), *common[:-2], '--keep', str(val), f'c={work}']) == 2
     assert demo_ablation.main(['--json', str(more), *common, '--drop', 'zz', f'c={work}']) == 2
+
+    # with no run to measure, --keep alone relabels: the kept report's set and figures, nothing measured anew
+    relabelled = tmp_path / 'relabelled.json'
+    assert demo_ablation.main(['--json', str(relabelled), '--keep', str(val), '--rename', 'c', 'c (shipped)']) == 0
+    kept, new = json.loads(val.read_text()), json.loads(relabelled.read_text())
+    assert new['held_out'] == kept['held_out'] and list(new['runs']) == ['c (shipped)']
+    assert new['runs']['c (shipped)'] == kept['runs']['c'] and '| c (shipped) |' in new['table']
+    assert demo_ablation.main(['--json', str(relabelled), '--keep', str(tmp_path / 'missing.json')]) == 2
+    assert 'missing.json' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo_ablation.main(['--json', str(relabelled)])
+    assert '--keep' in capsys.readouterr().err
 
 
 def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_maps(tmp_path, capsys):
