@@ -1,7 +1,8 @@
 # `make test`: create .venv, install everything (training side + runtime + dev), run the tests.
 # `make demo`: install the runtime only (no torch) in .venv-runtime and inspect the shipped samples
 #              with the shipped demo model; heatmap overlays go to demo-out/.
-# `make demo-model`: retrain the demo model (28 min on 2 AMD EPYC cores, ~36 on an Intel Xeon, more on a slow day), re-export and re-measure it.
+# `make demo-model`: retrain the demo model, re-export and re-measure it (28 min on 2 AMD EPYC cores with
+#              AVX-512, ~36 on an Intel Xeon, over 50 on an AVX2-only EPYC).
 PYTHON ?= python3
 VENV ?= .venv
 RUNTIME_VENV ?= .venv-runtime
