@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_report import DEFECTS, HELD_OUT_SEED
+from .demo_report import DEFECTS, HELD_OUT_SEED, targets_summary
 
 KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_half_accuracy')
 
@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     tmp_path.write_text(json.dumps(report, indent=1))
     os.replace(tmp_path, args.json)
     print(report['table'])
+    for name in runs:
+        print(f"{name}: {targets_summary(results[name]['mean'])}", file=sys.stderr)
     return 0
 
 

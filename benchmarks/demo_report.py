@@ -26,6 +26,22 @@ TARGETS = {'image_auroc': ('image AUROC', 0.97), 'pixel_auroc': ('pixel AUROC', 
            'yes_no_accuracy': ('Yes/No accuracy', 0.90), 'location_accuracy': ('location accuracy', 0.80)}
 
 
+def short_of_targets(mean: dict) -> dict[str, float]:
+    """How far each measured figure of ``mean`` falls below its target (0 where met); unmeasured ones are left out."""
+    return {k: max(0.0, t - mean[k]) for k, (_, t) in TARGETS.items() if mean.get(k) is not None}
+
+
+def targets_summary(mean: dict) -> str:
+    """One line: how many of the measured targets ``mean`` meets, and by how much it misses the others."""
+    short = short_of_targets(mean)
+    missed = {k: v for k, v in short.items() if v > 0}
+    line = f"targets met {len(short) - len(missed)} of {len(short)}"
+    if missed:
+        line += f", short by {sum(missed.values()):.3f} in all (" + ', '.join(
+            f"{TARGETS[k][0]} {v:.3f}" for k, v in missed.items()) + ')'
+    return line
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--bundle', required=True)

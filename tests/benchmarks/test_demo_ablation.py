@@ -22,6 +22,8 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     for k in demo_ablation.KEYS:
         assert 0.0 <= a['mean'][k] <= 1.0
     assert report['table'].count('\n') == 3             # header, rule, two runs
+    err = capsys.readouterr().err                       # each measured run's targets, met and missed
+    assert f"a: {demo_ablation.targets_summary(a['mean'])}" in err and err.count('targets met ') == 2
     assert demo_ablation.main(['--json', str(out), f'c={tmp_path}']) == 2
     assert 'final.pt' in capsys.readouterr().err
 

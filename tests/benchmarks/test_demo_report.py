@@ -79,3 +79,18 @@ def test_card_says_where_the_simulation_departs_from_the_reference_nsa():
     assert 'scale 0.035 in stage 1 and 0.05 in stage 2' in text and '30% of NSA patches drawn as thin' in text
     text = training_data({'nsa_thin_fraction': 0.3, 'lm_nsa_thin_fraction': 0.0})
     assert "30% of stage 1's NSA patches (none of stage 2's) drawn as thin" in text and 'scale' not in text
+
+
+def test_targets_summary_counts_the_met_targets_and_adds_up_the_shortfalls():
+    # the shipped model's validation figures of 2026-12-06: image AUROC and Yes/No met, pixel AUROC and location not
+    mean = {'image_auroc': 0.973, 'pixel_auroc': 0.947, 'yes_no_accuracy': 0.940, 'location_accuracy': 0.733,
+            'map_half_accuracy': 0.927}
+    short = demo_report.short_of_targets(mean)
+    assert short['image_auroc'] == 0 and short['yes_no_accuracy'] == 0
+    assert short['pixel_auroc'] == pytest.approx(0.003) and short['location_accuracy'] == pytest.approx(0.067)
+    line = demo_report.targets_summary(mean)
+    assert line.startswith('targets met 2 of 4, short by 0.070 in all (')
+    assert 'pixel AUROC 0.003' in line and 'location accuracy 0.067' in line and 'image AUROC' not in line
+    # a maps-only run measures two figures: only those are counted
+    assert demo_report.targets_summary({'image_auroc': 0.98, 'pixel_auroc': 0.96, 'yes_no_accuracy': None}) == \
+        'targets met 2 of 2'
