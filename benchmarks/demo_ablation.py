@@ -127,18 +127,21 @@ def markdown(results: dict) -> str:
     return '\n'.join(rows)
 
 
-def kept_runs(args, held_out: dict) -> dict:
-    """The runs of ``--keep``'s report, less ``--drop``, relabelled by ``--rename``; ValueError names what
-    does not fit (another held-out set or mode, an unknown run)."""
+def kept_runs(args, held_out: dict | None) -> tuple[dict, dict]:
+    """(the runs of ``--keep``'s report, less ``--drop``, relabelled by ``--rename``; the held-out set they were
+    measured on). ``held_out`` None: adopt the report's set and mode (``args.maps_only``), as a relabelling does.
+    ValueError names what does not fit (another held-out set or mode, an unknown run)."""
     if (args.drop or args.rename) and not args.keep:
         raise ValueError("--drop and --rename act on the runs of --keep's report; no --keep given")
     if not args.keep:
-        return {}
+        return {}, held_out
     try:
         old = json.loads(Path(args.keep).read_text())
         runs = old['runs']
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--keep {args.keep}: not a report of this script ({e})") from None
+    if held_out is None:
+        held_out, args.maps_only = old.get('held_out'), bool(old.get('maps_only'))
     if old.get('held_out') != held_out:
         raise ValueError(f"--keep {args.keep}: measured on another held-out set ({old.get('held_out')}, "
                          f"this run: {held_out})")
@@ -148,7 +151,7 @@ def kept_runs(args, held_out: dict) -> dict:
     if unknown := [n for n in [*args.drop, *(o for o, _ in args.rename)] if n not in runs]:
         raise ValueError(f"{unknown[0]!r}: no such run in {args.keep}")
     names = dict(args.rename)
-    return {names.get(n, n): r for n, r in runs.items() if n not in args.drop}
+    return {names.get(n, n): r for n, r in runs.items() if n not in args.drop}, held_out
 
 
 def main(argv=None) -> int:
@@ -173,21 +176,12 @@ def main(argv=None) -> int:
     ap.add_argument('--rename', action='append', default=[], nargs=2, metavar=('OLD', 'NEW'),
                     help='give a kept run a new label, e.g. once it is no longer the shipped one (repeatable)')
     args = ap.parse_args(argv)
-    if not args.runs:
-        if not args.keep:
-            ap.error('give at least one NAME=WORK to measure, or --keep OLD.json to relabel')
-        try:
-            old = json.loads(Path(args.keep).read_text())
-            args.seed, args.good, args.per_kind = (old['held_out'][k] for k in
-                                                   ('seed', 'good_per_class', 'defects_per_kind_and_class'))
-            args.maps_only = bool(old.get('maps_only'))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"demo_ablation: --keep {args.keep}: not a report of this script ({e})", file=sys.stderr)
-            return 2
+    if not args.runs and not args.keep:
+        ap.error('give at least one NAME=WORK to measure, or --keep OLD.json to relabel')
     held_out = {'seed': args.seed, 'defect_kinds': list(DEFECTS), 'good_per_class': args.good,
-                'defects_per_kind_and_class': args.per_kind}
+                'defects_per_kind_and_class': args.per_kind} if args.runs else None
     try:
-        kept = kept_runs(args, held_out)
+        kept, held_out = kept_runs(args, held_out)
     except ValueError as e:
         print(f"demo_ablation: {e}", file=sys.stderr)
         return 2
