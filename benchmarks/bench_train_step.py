@@ -4,8 +4,9 @@ config, optionally with training settings (``TrainSettings`` fields) after ``+``
   python -m anomalygpt_edge.benchmarks.bench_train_step [--variants small,small-p16,small+frozen_text]
       [--rounds N] [--json OUT]
 
-Compute only: the batches are simulated before the clock starts (in training a loader process makes
-them beside the step). The variants take turns, ``--steps`` steps each per round, so a drift of the
+By default compute only: the batches are simulated before the clock starts. ``--with-loader`` times each variant
+with the training loader instead, a worker process simulating the batches beside the step as in training (on 2
+cores it takes CPU from the step). The variants take turns, ``--steps`` steps each per round, so a drift of the
 machine's speed falls on all of them alike; each gets its own model and optimiser, from the same seed.
 The first variant is the baseline of the ratios.
 """
@@ -46,7 +47,7 @@ def parse_variant(variant: str) -> tuple[str, dict]:
 
 
 def run(variants=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmup: int = 2,
-        threads: int = 2, batch: int = 8, progress: bool = True) -> dict:
+        threads: int = 2, batch: int = 8, progress: bool = True, with_loader: bool = False) -> dict:
     import torch
 
     from ..models import train
@@ -56,8 +57,9 @@ def run(variants=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmu
     from .machine import machine_info
     torch.set_num_threads(threads)
     s = train.TrainSettings(batch=batch, threads=threads)
-    ds = SyntheticAnomalyDataset(64, seed=s.seed, cache_normals=True, foreign_fraction=s.foreign_fraction)
-    batches = list(itertools.islice(train._batches(ds, batch, s.seed, workers=0), 8))
+    ds = SyntheticAnomalyDataset(4000 if with_loader else 64, seed=s.seed, cache_normals=True,
+                                 foreign_fraction=s.foreign_fraction, nsa_thin_fraction=s.nsa_thin_fraction)
+    cached = None if with_loader else list(itertools.islice(train._batches(ds, batch, s.seed, workers=0), 8))
     names = list(variants)
     times = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,14 +74,14 @@ def run(variants=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmu
             stage = train.VisionStage.build(model, text, vs)
             stage.train()
             stage.freeze_text(CATEGORIES)
-            runs[name] = (stage, train.vision_optimizer(stage.params, vs))
-        cycle = itertools.cycle(batches)
+            source = train._batches(ds, batch, s.seed, workers=1) if with_loader else itertools.cycle(cached)
+            runs[name] = (stage, train.vision_optimizer(stage.params, vs), source)
         for r in range(rounds):
             for name in names:
-                stage, opt = runs[name]
+                stage, opt, source = runs[name]
                 for i in range(steps + (warmup if r == 0 else 0)):
                     t0 = time.perf_counter()
-                    train.optimizer_step(stage.loss(next(cycle), i), stage.params, opt)
+                    train.optimizer_step(stage.loss(next(source), i), stage.params, opt)
                     if r > 0 or i >= warmup:
                         times[name].append((time.perf_counter() - t0) * 1e3)
                 if progress:
@@ -92,7 +94,8 @@ def run(variants=('small', 'small-p16'), steps: int = 10, rounds: int = 3, warmu
         config, settings = parse_variant(name)
         rows.append({'variant': name, 'config': config, 'settings': settings, 'step_ms': st,
                      'speedup_vs_first': round(base / st['median'], 3)})
-    return {'benchmark': 'stage-1 training step (compute only)', 'machine': machine_info(), 'threads': threads,
+    what = 'with the training loader beside it' if with_loader else 'compute only'
+    return {'benchmark': f'stage-1 training step ({what})', 'machine': machine_info(), 'threads': threads,
             'batch': batch, 'steps_per_round': steps, 'rounds': rounds, 'variants': rows}
 
 
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument('--rounds', type=int, default=3, help='(default: %(default)s)')
     ap.add_argument('--threads', type=int, default=2, help='(default: %(default)s)')
     ap.add_argument('--batch', type=int, default=8, help='(default: %(default)s)')
+    ap.add_argument('--with-loader', action='store_true',
+                    help="time each step with the training loader's worker simulating the batches beside it, "
+                         'as in training (default: pre-simulated batches, compute only)')
     ap.add_argument('--json', help='write the report here')
     args = ap.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
         ap.error(f"--variants: {e}")
     if bad := [c for c, _ in parsed if c not in CONFIGS]:
         ap.error(f"--variants: unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
-    report = run(variants, args.steps, args.rounds, threads=args.threads, batch=args.batch)
+    report = run(variants, args.steps, args.rounds, threads=args.threads, batch=args.batch,
+                 with_loader=args.with_loader)
     if args.json:
         from ..runtime.engines import write_json_atomic
         write_json_atomic(Path(args.json), report)

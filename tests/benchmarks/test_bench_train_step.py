@@ -23,3 +23,18 @@ def test_bad_arguments_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench_train_step.main(flag)
     assert e.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def test_with_loader_times_steps_fed_by_the_training_loader(monkeypatch):
+    from anomalygpt_edge.models import train
+    calls = []
+    real = train._batches
+
+    def spy(ds, batch, seed, start=0, workers=1):
+        calls.append(workers)
+        return real(ds, batch, seed, start, workers=workers)
+    monkeypatch.setattr(train, '_batches', spy)
+    report = bench_train_step.run(('tiny',), steps=2, rounds=1, warmup=0, threads=1, batch=2, progress=False,
+                                  with_loader=True)
+    assert calls == [1]          # one live loader with a worker process, no pre-simulated batches
+    assert 'loader' in report['benchmark'] and report['variants'][0]['step_ms']['n'] == 2
