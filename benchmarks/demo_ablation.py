@@ -7,10 +7,11 @@ Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and `
 ``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained). Every
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
-single-region defect images; and the accuracy of "anomalous where the map reaches 0.5" (some pixel at or above
-0.5), which a --maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map reaches 0.5
-on 299 of the 300 held-out and validation images, so this figure foretells its Yes/No). The PyTorch reference
-answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can be compared
+single-region defect images; the accuracy of "anomalous where the map reaches 0.5" (some pixel at or above
+0.5), which a --maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map
+reaches 0.5 on 299 of the 300 held-out and validation images, so this figure foretells its Yes/No); and how often
+the map's largest region at >= 0.5 lies in the defect's cell (the location a reader of the map alone gets). The
+PyTorch reference answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can be compared
 without exporting each one.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 
 from .demo_report import DEFECTS, HELD_OUT_SEED, targets_summary
 
-KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_half_accuracy')
+KEYS = ('image_auroc', 'pixel_auroc', 'yes_no_accuracy', 'location_accuracy', 'map_half_accuracy',
+        'map_location_accuracy')
 
 
 class ReferenceAsPipeline:
@@ -71,7 +73,8 @@ class MapResult:
 
 def measure(work: Path, root: Path, config: str = 'small', progress: bool = True, maps_only: bool = False) -> dict:
     """Per class and mean figures of the checkpoint in ``work`` on the held-out folder ``root``; ``maps_only``:
-    of its stage-1 checkpoint, image and pixel AUROC and the map >= 0.5 accuracy only."""
+    of its stage-1 checkpoint, the maps' figures only (image and pixel AUROC, the map >= 0.5 accuracy, and the
+    location of the map's largest region on the single-defect images, which no LLM needs)."""
     from ..models.reference import ReferencePipeline
     from ..models.spec import POSITION_WORDS
     from ..models.synthetic import CATEGORIES
@@ -118,7 +121,8 @@ def load_vision(work: Path, model, text) -> dict:
 def markdown(results: dict) -> str:
     """The runs as a table; a figure no run has (Yes/No and location of a --maps-only report) gets no column."""
     heads = {'image_auroc': 'image AUROC', 'pixel_auroc': 'pixel AUROC', 'yes_no_accuracy': 'Yes/No',
-             'location_accuracy': 'location', 'map_half_accuracy': 'map >= 0.5 (accuracy)'}
+             'location_accuracy': 'location', 'map_half_accuracy': 'map >= 0.5 (accuracy)',
+             'map_location_accuracy': "map's region location"}
     keys = [k for k in KEYS if any(r['mean'].get(k) is not None for r in results.values())]
     rows = ['| recipe | ' + ' | '.join(heads[k] for k in keys) + ' |', '|---' * (len(keys) + 1) + '|']
     for name, r in results.items():

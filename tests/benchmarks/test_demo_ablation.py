@@ -71,11 +71,13 @@ def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_
         assert m['mean'][k] == f['mean'][k]
     assert m['mean']['yes_no_accuracy'] is None and m['mean']['location_accuracy'] is None
     assert m['mean']['map_half_accuracy'] == f['mean']['map_half_accuracy']
+    assert m['mean']['map_location_accuracy'] == f['mean']['map_location_accuracy']
     # intervals only for the figures measured: no LLM, no Yes/No or location interval
     assert m['intervals'].keys() == {'image_auroc'} and m['intervals']['image_auroc'] == f['intervals']['image_auroc']
     assert {'image_auroc', 'yes_no_accuracy'} <= f['intervals'].keys()
     table = json.loads(maps.read_text())['table']
-    assert table.splitlines()[0] == '| recipe | image AUROC | pixel AUROC | map >= 0.5 (accuracy) |'
+    assert table.splitlines()[0] == ("| recipe | image AUROC | pixel AUROC | map >= 0.5 (accuracy) | "
+                                     "map's region location |")
     assert table.count('\n') == 2
     (work / 'vision.pt').unlink()
     assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2
