@@ -2,7 +2,7 @@
 # `make demo`: install the runtime only (no torch) in .venv-runtime and inspect the shipped samples
 #              with the shipped demo model; heatmap overlays go to demo-out/.
 # `make demo-model`: retrain the demo model, re-export and re-measure it (28 min on 2 AMD EPYC cores with
-#              AVX-512, ~36 on an Intel Xeon, over 50 on an AVX2-only EPYC).
+#              AVX-512, ~45 on an Intel Xeon (model 207), over 50 on an AVX2-only EPYC).
 PYTHON ?= python3
 VENV ?= .venv
 RUNTIME_VENV ?= .venv-runtime
