@@ -23,11 +23,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..runtime.answers import locations, position_word
+from ..runtime.answers import border_distance, locations, position_word
 from .metrics import (answer_positions, bootstrap_interval, image_auroc, mean_or_none, pixel_auroc, reference_correct,
                       share)
 
 IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+# a defect whose centroid lies this close to a border between two cells (5 px of a 224-px side) is "on a border":
+# there a map's region a few pixels off names the neighbouring cell
+NEAR_BORDER = 5 / 224
 
 
 @dataclass
@@ -52,7 +55,8 @@ class ClassReport:
     seconds: float = 0.0
     answers: list = field(default_factory=list, repr=False)
     # per single-defect image, with an LLM: (row of the defect's cell, map names it, LLM names it, map has a
-    # region at >= 0.5); ``location_breakdown`` sums them, to tell the reader's misses from the map's
+    # region at >= 0.5, defect centroid within NEAR_BORDER of a cell border); ``location_breakdown`` sums them,
+    # to tell the reader's misses from the map's
     location_cases: list = field(default_factory=list, repr=False)
     # the per-image values the means' intervals resample: (scores, labels), Yes/No right, location right
     per_image: dict = field(default_factory=dict, repr=False)
@@ -140,7 +144,8 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
             want = None
             if s.anomalous and cv2.connectedComponents(gt)[0] == 2:  # one defect region
                 ys, xs = np.nonzero(gt)
-                want = position_word(ys.mean() / gt.shape[0], xs.mean() / gt.shape[1], words)
+                centroid = (ys.mean() / gt.shape[0], xs.mean() / gt.shape[1])
+                want = position_word(*centroid, words)
                 map_words = locations(res.anomaly_map, words)
                 map_loc_ok.append(map_words[:1] == [want])
             if llm:
@@ -148,7 +153,8 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
                 if want is not None:
                     loc_ok.append(answer_positions(res.answer, words) == [want])
                     row = next(i for i, r in enumerate(words) if want in r)
-                    rep.location_cases.append((row, map_loc_ok[-1], loc_ok[-1], bool(map_words)))
+                    rep.location_cases.append((row, map_loc_ok[-1], loc_ok[-1], bool(map_words),
+                                               border_distance(*centroid) < NEAR_BORDER))
                 rep.answers.append({'image': str(s.path), 'answer': res.answer, 'verdict': res.verdict,
                                     'score': res.score, 'anomalous': s.anomalous})
             if bar is not None:
@@ -187,19 +193,25 @@ ROW_NAMES = ('top', 'middle', 'bottom')
 
 
 def location_breakdown(cases) -> dict:
-    """Where the location answers go wrong, over (row, map_ok, llm_ok, map_fired) cases: the LLM and the
-    map's own largest region both right, one of them, neither (split by whether the map has a region at >= 0.5
-    as large as ``locations`` counts, i.e. whether the defect was found at all), and the LLM's accuracy by the
-    row of the defect's cell."""
+    """Where the location answers go wrong, over (row, map_ok, llm_ok, map_fired, near_border) cases: the LLM
+    and the map's own largest region both right, one of them, neither (split by whether the map has a region at
+    >= 0.5 as large as ``locations`` counts, i.e. whether the defect was found at all); the LLM's accuracy by the
+    row of the defect's cell; and the LLM's and the map's accuracy on defects near a cell border and elsewhere."""
     out = {'both': 0, 'llm_only': 0, 'map_only': 0, 'neither_map_fired': 0, 'neither_map_silent': 0}
     rows = {name: [0, 0] for name in ROW_NAMES}
-    for row, map_ok, llm_ok, fired in cases:
+    border = {where: {'images': 0, 'llm_correct': 0, 'map_correct': 0} for where in ('near_border', 'elsewhere')}
+    for row, map_ok, llm_ok, fired, near in cases:
         key = ('both' if llm_ok else 'map_only') if map_ok else \
             ('llm_only' if llm_ok else 'neither_map_fired' if fired else 'neither_map_silent')
         out[key] += 1
         rows[ROW_NAMES[row]][0] += int(llm_ok)
         rows[ROW_NAMES[row]][1] += 1
+        b = border['near_border' if near else 'elsewhere']
+        b['images'] += 1
+        b['llm_correct'] += int(llm_ok)
+        b['map_correct'] += int(map_ok)
     out['by_row'] = {name: {'correct': ok, 'images': n} for name, (ok, n) in rows.items()}
+    out['by_border'] = border
     return out
 
 

@@ -30,11 +30,19 @@ def verdict_known(text: str) -> bool:
     return bool(_COMMITTED.match(text))
 
 
+CELL_BORDERS = (1 / 3, 2 / 3)   # of the 3x3 grid, as fractions of a side
+
+
 def position_word(row: float, col: float, words) -> str:
     """Row/col as fractions of height/width -> one of the 3x3 words (1/3 and 2/3 belong to the lower cell)."""
     def cell(v: float) -> int:
-        return 0 if v <= 1 / 3 else (1 if v <= 2 / 3 else 2)
+        return sum(v > b for b in CELL_BORDERS)
     return words[cell(row)][cell(col)]
+
+
+def border_distance(row: float, col: float) -> float:
+    """How far a point (fractions of height/width) lies from the nearest border between two cells."""
+    return min(abs(v - b) for v in (row, col) for b in CELL_BORDERS)
 
 
 def locations(anomaly_map: np.ndarray, words, threshold: float = 0.5, max_regions: int = 3,

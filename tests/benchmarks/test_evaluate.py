@@ -68,13 +68,16 @@ def test_map_location_is_the_cell_of_the_maps_own_region(dataset):
 
 def test_location_breakdown_sorts_each_case_by_who_was_right():
     from anomalygpt_edge.benchmarks.evaluate import location_breakdown
-    # (row, map names the cell, LLM names it, map has a region at >= 0.5)
-    cases = [(0, True, True, True), (2, True, False, True), (2, False, True, True), (1, False, False, True),
-             (2, False, False, False), (2, False, False, False)]
+    # (row, map names the cell, LLM names it, map has a region at >= 0.5, centroid near a cell border)
+    cases = [(0, True, True, True, False), (2, True, False, True, True), (2, False, True, True, False),
+             (1, False, False, True, True), (2, False, False, False, False), (2, False, False, False, True)]
     b = location_breakdown(cases)
     assert (b['both'], b['map_only'], b['llm_only'], b['neither_map_fired'], b['neither_map_silent']) == (1, 1, 1, 1, 2)
     assert b['by_row'] == {'top': {'correct': 1, 'images': 1}, 'middle': {'correct': 0, 'images': 1},
                            'bottom': {'correct': 1, 'images': 4}}
+    assert b['by_border'] == {'near_border': {'images': 3, 'llm_correct': 0, 'map_correct': 1},
+                              'elsewhere': {'images': 3, 'llm_correct': 2, 'map_correct': 1}}
+
 
 
 class _AnsweringMapRunner(_MapRunner):
@@ -108,6 +111,8 @@ def test_evaluate_reports_the_location_breakdown(dataset):
     assert (b['map_only'], b['both'], b['llm_only']) == (n, 0, 0)                # exact map, no position named
     assert sum(r['images'] for r in a['by_row'].values()) == n
     assert sum(r['correct'] for r in a['by_row'].values()) == n and sum(r['correct'] for r in b['by_row'].values()) == 0
+    assert sum(r['images'] for r in b['by_border'].values()) == n
+    assert sum(r['map_correct'] for r in b['by_border'].values()) == n     # the exact map is right near borders too
     assert 'location_breakdown' not in evaluate(_MapRunner(dataset, np.zeros_like), dataset, llm=False, progress=False)
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomalygpt_edge.runtime.answers import locations, parse_verdict, position_word, verdict_known
+from anomalygpt_edge.runtime.answers import border_distance, locations, parse_verdict, position_word, verdict_known
 
 WORDS = (('top left', 'top', 'top right'), ('left', 'center', 'right'), ('bottom left', 'bottom', 'bottom right'))
 
@@ -44,3 +44,11 @@ def test_locations_from_map():
     assert locations(m, WORDS) == ['top right', 'bottom']
     assert locations(np.zeros((224, 224)), WORDS) == []
     assert locations(m, WORDS, threshold=0.85) == ['top right']
+
+
+def test_border_distance_is_the_gap_to_the_nearest_cell_border():
+    assert border_distance(0.5, 0.5) == pytest.approx(1 / 6)          # the centre cell's middle
+    assert border_distance(0.5, 0.34) == pytest.approx(0.34 - 1 / 3)  # just right of the left border
+    assert border_distance(0.9, 0.05) == pytest.approx(0.9 - 2 / 3)
+    # either side of a border, a hair apart, are different cells: why a map a few pixels off misses there
+    assert position_word(0.5, 1 / 3 - 1e-3, WORDS) != position_word(0.5, 1 / 3 + 1e-3, WORDS)
