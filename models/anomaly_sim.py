@@ -204,10 +204,23 @@ def _place_patch(dest, src_img, dest_obj, src_obj, p: SimParams, rng, forced: Fo
     return out, (r0, r1, q0, q1), patch_mask
 
 
+def _label_centroid(binary: np.ndarray, rect, dims) -> tuple[float, float] | None:
+    """Centroid (row, col fractions) of the labelled pixels inside ``rect`` (r0, r1, c0, c1); None if none."""
+    r0, r1, c0, c1 = rect
+    rows, cols = np.nonzero(binary[r0:r1, c0:c1])
+    if not len(rows):
+        return None
+    return ((r0 + rows.mean()) / dims[0], (c0 + cols.mean()) / dims[1])
+
+
 def simulate(dest: np.ndarray, src: np.ndarray, category, rng=None, *, params: SimParams | None = None,
-             cumulative_centres: bool = True, forced: list[ForcedPatch] | None = None) -> SimResult:
+             cumulative_centres: bool = True, forced: list[ForcedPatch] | None = None,
+             label_centres: bool = False) -> SimResult:
     """Blend 1 (or, with probability 0.5, 2) patches of ``src`` into ``dest`` (both [H,W,3] uint8 RGB).
-    ``forced`` places exactly len(forced) patches (no coin flip) with the given draws pinned."""
+    ``forced`` places exactly len(forced) patches (no coin flip) with the given draws pinned. ``label_centres``:
+    name each patch by the centroid of its binarised label (what the map learns to show), as the reference's
+    supervised set names defects by their masks' centroids, instead of by a box centre; a patch whose label is
+    empty keeps its box centre."""
     if dest.shape != src.shape or dest.ndim != 3 or dest.shape[2] != 3 or dest.dtype != np.uint8:
         raise ValueError(f"dest and src must be [H,W,3] uint8 of one shape, got {dest.shape} {dest.dtype} "
                          f"and {src.shape} {src.dtype}")
@@ -236,7 +249,10 @@ def simulate(dest: np.ndarray, src: np.ndarray, category, rng=None, *, params: S
         rects.append((r0, r1, c0, c1))
 
     label = logistic_label(dest, patched, mask, p.logistic, p.tol)
+    binary = (label > BINARY_THRESHOLD).astype(np.uint8)
+    if label_centres:
+        centres = [_label_centroid(binary, rect, dims) or c for c, rect in zip(centres, rects)]
     positions = [spec.position_word(r, c) for r, c in centres]
-    return SimResult(image=patched, mask=label, binary_mask=(label > BINARY_THRESHOLD).astype(np.uint8),
+    return SimResult(image=patched, mask=label, binary_mask=binary,
                      centres=centres, positions=positions, answer=answer_for(positions),
                      question=cat.question, rects=rects)

@@ -47,12 +47,13 @@ class SyntheticAnomalyDataset(Dataset):
     def __init__(self, length: int, seed: int = 0, categories=None, cumulative_centres: bool = True,
                  cache_normals: bool = False, foreign_fraction: float = 0.0, faint_fraction: float = 0.0,
                  nsa_size_scale: float | None = None, logistic: dict[str, tuple[float, float]] | None = None,
-                 nsa_thin_fraction: float = 0.0):
+                 nsa_thin_fraction: float = 0.0, label_centres: bool = False):
         self.categories = [get_category(c).name for c in (categories or CATEGORIES)]
         if length < 2:
             raise ValueError("need at least 2 samples: the patch source is another sample's image")
         self.length, self.seed, self.epoch = length, seed, 0
         self.cumulative_centres = cumulative_centres
+        self.label_centres = label_centres   # NSA patches named by their labels' centroids (anomaly_sim.simulate)
         for name, value in (('foreign_fraction', foreign_fraction), ('faint_fraction', faint_fraction),
                             ('nsa_thin_fraction', nsa_thin_fraction)):
             if not 0.0 <= value <= 1.0:
@@ -108,7 +109,7 @@ class SyntheticAnomalyDataset(Dataset):
         else:
             sim = simulate(dest, self.normal(src_index), self.category_of(index), rng,
                            params=self._sim_params(self.category_of(index)),
-                           cumulative_centres=self.cumulative_centres)
+                           cumulative_centres=self.cumulative_centres, label_centres=self.label_centres)
         if self.faint_fraction and sim.is_anomalous and rng.random() < self.faint_fraction:
             keep = rng.uniform(*FAINT_STRENGTH)
             faint = dest + keep * (sim.image.astype(np.float32) - dest)

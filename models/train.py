@@ -159,6 +159,10 @@ class TrainSettings:
     # 2300-step language stage on the shipped demo model's vision stage: location 0.700 on validation against
     # 0.733 (Yes/No 0.947 both), 0.770 on the larger location set, as the shipped model
     cumulative_centres: bool = True
+    # name each NSA patch by the centroid of its binarised label instead of a box centre (the held-out defects are
+    # named by their masks' centroids, as the reference's supervised set names them): a pasted patch's labelled
+    # part can sit off its box's centre, and near a cell border that teaches the LLM another cell than the map shows
+    label_centres: bool = False
     # share of simulated anomalies blended back towards the normal image (both stages), for maps that fire on
     # subtler defects. Off: in 1500-step probes (validation set) the maps fired on more defects (0.54 -> 0.70)
     # and on many more normal images (0.07 -> 0.30), image AUROC 0.84 -> 0.79; in stage 2 alone it changed no
@@ -280,6 +284,7 @@ SETTING_HELP = {
     'map_agreement': "stage 2 learns an anomaly's answer only where its map peaks on the label",
     'cumulative_centres': 'name a second patch by the centre of the box around both patches, as the reference '
                           '(--no-cumulative-centres: by its own centre)',
+    'label_centres': "name each NSA patch by its label's centroid, not a box centre",
     'faint_fraction': 'share of simulated anomalies blended back towards the normal image',
     'cell_probe_weight': "weight of stage 2's training-only probe on the 9 map-derived prompts (0: off)",
     'adamw': "AdamW's implementation: foreach and loop train the same weights, fused rounds differently",
@@ -837,7 +842,8 @@ def main(argv=None) -> int:
         def simulated(seed: int, size_scale: float, thin_fraction: float) -> SyntheticAnomalyDataset:
             return SyntheticAnomalyDataset(args.samples, seed=seed, cache_normals=True,
                                            foreign_fraction=s.foreign_fraction,
-                                           cumulative_centres=s.cumulative_centres, faint_fraction=s.faint_fraction,
+                                           cumulative_centres=s.cumulative_centres, label_centres=s.label_centres,
+                                           faint_fraction=s.faint_fraction,
                                            nsa_size_scale=size_scale, nsa_thin_fraction=thin_fraction,
                                            logistic=simulation_logistic(s))
         dataset = simulated(s.seed, s.nsa_size_scale, s.nsa_thin_fraction)

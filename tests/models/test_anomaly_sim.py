@@ -4,8 +4,8 @@ import pytest
 from scipy import ndimage
 
 from anomalygpt_edge.models import spec
-from anomalygpt_edge.models.anomaly_sim import (SIM_PARAMS, ForcedPatch, SimParams, answer_for, logistic_label,
-                                                 object_mask, simulate)
+from anomalygpt_edge.models.anomaly_sim import (SIM_PARAMS, ForcedPatch, SimParams, _label_centroid, answer_for,
+                                                 logistic_label, object_mask, simulate)
 from anomalygpt_edge.models.synthetic import CATEGORIES, normal_image
 
 NAMES = sorted(CATEGORIES)
@@ -168,3 +168,27 @@ def test_bad_inputs():
     dest, _ = _pair(0)
     with pytest.raises(ValueError, match='uint8'):
         simulate(dest, dest[:100], NAMES[0], 0)
+
+
+def test_label_centres_name_each_patch_where_its_label_lies():
+    dest, src = normal_image('woven_fabric', 1), normal_image('washer', 2)
+    forced = _forced((40, 40), (180, 180))
+    box = simulate(dest, src, 'woven_fabric', 0, forced=forced)
+    lab = simulate(dest, src, 'woven_fabric', 0, forced=forced, label_centres=True)
+    assert np.array_equal(box.image, lab.image) and np.array_equal(box.mask, lab.mask)   # only the words change
+    for (r, c), (r0, r1, c0, c1) in zip(lab.centres, lab.rects):
+        rows, cols = np.nonzero(lab.binary_mask[r0:r1, c0:c1])
+        assert (r, c) == pytest.approx(((r0 + rows.mean()) / 224, (c0 + cols.mean()) / 224))
+    # each patch by its own label, so no cumulative box: the second patch is named bottom right, not center
+    assert lab.positions == ['top left', 'bottom right']
+
+
+def test_a_label_centre_moves_the_word_across_a_cell_border():
+    # a patch whose box centre is just left of the 1/3 border, with its labelled part right of it
+    dest, src = normal_image('ceramic_tiles', 1), normal_image('wood_grain', 2)
+    res = simulate(dest, src, 'ceramic_tiles', 0, forced=_forced((112, 70), half=20), label_centres=True)
+    binary = res.binary_mask.copy()
+    binary[:, :75] = 0                       # keep only the label right of the border (col 74.7)
+    assert spec.position_word(*_label_centroid(binary, res.rects[0], (224, 224))) == 'center'
+    assert spec.position_word(112 / 224, 70 / 224) == 'left'
+    assert _label_centroid(np.zeros_like(binary), res.rects[0], (224, 224)) is None   # empty label: box centre kept

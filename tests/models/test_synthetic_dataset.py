@@ -231,3 +231,14 @@ def test_logistic_override_relabels_only_its_class():
     assert wood_grew >= 1
     with pytest.raises(KeyError, match='carpet'):
         SyntheticAnomalyDataset(4, logistic={'carpet': texture})
+
+
+def test_label_centres_change_only_the_words():
+    box, lab = SyntheticAnomalyDataset(8, seed=5), SyntheticAnomalyDataset(8, seed=5, label_centres=True)
+    for i in range(8):
+        (_, a), (_, b) = box.simulated(i), lab.simulated(i)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+        for (r, c), (r0, r1, c0, c1) in zip(b.centres, b.rects):
+            rows, cols = np.nonzero(b.binary_mask[r0:r1, c0:c1])
+            if len(rows):
+                assert (r, c) == pytest.approx(((r0 + rows.mean()) / 224, (c0 + cols.mean()) / 224))
