@@ -11,8 +11,8 @@ single-region defect images; the accuracy of "anomalous where the map reaches 0.
 0.5), which a --maps-only run measures before any LLM is trained (the demo model's LLM answers Yes where its map
 reaches 0.5 on 299 of the 300 held-out and validation images, so this figure foretells its Yes/No); and how often
 the map's largest region at >= 0.5 lies in the defect's cell (the location a reader of the map alone gets). The
-PyTorch reference answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can be compared
-without exporting each one.
+PyTorch reference answers as the runtime does (``demo_report`` checks that on the shipped bundle), so recipes can
+be compared without exporting each one.
 """
 from __future__ import annotations
 
