@@ -46,7 +46,7 @@ class ReferenceAsPipeline:
         if not llm:
             _, amap, _ = self.reference.vision(path, class_name)
             m = amap[0, 0].float().numpy()
-            return MapResult(anomaly_map=m, score=float(m.max()))
+            return MapResult(anomaly_map=m, score=float(m.max()), locations=self.reference.locations(m))
         return self.reference.inspect(path, class_name, question=self.questions[class_name])
 
 
@@ -64,9 +64,11 @@ class ScoreRecorder:
 
 @dataclasses.dataclass
 class MapResult:
-    """The zero-shot map of one image and its score (the maximum), as the reference computes them."""
+    """The zero-shot map of one image, its score (the maximum) and its regions' words, as the reference computes
+    them."""
     anomaly_map: np.ndarray
     score: float
+    locations: list[str]
     verdict: None = None
     answer: None = None
 

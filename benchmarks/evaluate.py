@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..runtime.answers import border_distance, locations, position_word
+from ..runtime.answers import border_distance, position_word
 from .metrics import (answer_positions, bootstrap_interval, image_auroc, mean_or_none, pixel_auroc, reference_correct,
                       share)
 
@@ -146,7 +146,7 @@ def evaluate(pipeline, root, classes=None, k_shot: int = 0, class_map=None, llm:
                 ys, xs = np.nonzero(gt)
                 centroid = (ys.mean() / gt.shape[0], xs.mean() / gt.shape[1])
                 want = position_word(*centroid, words)
-                map_words = locations(res.anomaly_map, words)
+                map_words = res.locations   # as the pipeline reads its map (the runtime's own rule)
                 map_loc_ok.append(map_words[:1] == [want])
             if llm:
                 correct.append(reference_correct(res.answer, s.anomalous))

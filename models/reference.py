@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..runtime.answers import parse_verdict
+from ..runtime.answers import locations, parse_verdict
 from . import spec
 from .anomalygpt import AnomalyGPT
 from .generation import greedy_generate, prompt_text
@@ -25,6 +25,7 @@ class ReferenceResult:
     answer_ids: list[int]
     verdict: str                     # 'yes' | 'no' | 'unclear'
     class_name: str
+    locations: list[str]             # 3x3 words of the map's hot regions, largest first, as the runtime reads them
     image_token: np.ndarray = field(repr=False)   # [1,D]
     prompts: np.ndarray = field(repr=False)       # [18,D]
 
@@ -63,6 +64,9 @@ class ReferencePipeline:
         amap = self.model.anomaly_map(taps, self.features_for(class_name), memory)
         return self.model.image_token(emb), amap, self.model.prompt_learner(amap)
 
+    def locations(self, anomaly_map: np.ndarray) -> list[str]:
+        return locations(anomaly_map, spec.POSITION_WORDS, grid=self.model.cfg.vision.grid)
+
     @torch.no_grad()
     def inspect(self, image, class_name: str | None = None, question: str | None = None, references=None,
                 history=()) -> ReferenceResult:
@@ -75,5 +79,5 @@ class ReferencePipeline:
         ids, answer = greedy_generate(self.model.llama_model, embeds, self.tokenizer, self.eos_id, self.max_new_tokens)
         m = amap[0, 0].float().numpy()
         return ReferenceResult(anomaly_map=m, score=float(m.max()), answer=answer, answer_ids=ids,
-                               verdict=parse_verdict(answer), class_name=class_name,
+                               verdict=parse_verdict(answer), class_name=class_name, locations=self.locations(m),
                                image_token=token[0].float().numpy(), prompts=prompts[0].float().numpy())

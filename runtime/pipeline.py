@@ -96,6 +96,8 @@ class Pipeline:
         self.pre = m['preprocess']
         self.resize_mode = resize_mode or self.pre['resize']
         self.prompt = m['prompt']
+        vision = m['model']['config']['vision']
+        self.token_grid = vision['image_size'] // vision['patch']   # the patch grid the anomaly map is upsampled from
         self.classes = m.get('classes', {})
         self.default_class = m.get('default_class', 'object')
         self.text_features = np.load(bundle.path(m['text_features']['file']))
@@ -362,7 +364,7 @@ class Pipeline:
             verdict, source = map_verdict, 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
         return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
-                      locations=locations(m, self.prompt['location_words'], threshold), verdict=verdict,
+                      locations=locations(m, self.prompt['location_words'], threshold, grid=self.token_grid), verdict=verdict,
                       answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
                       few_shot=memory is not None, verdict_source=source, threshold=score_threshold,
                       map_verdict=map_verdict)

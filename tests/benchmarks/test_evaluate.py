@@ -52,8 +52,10 @@ class _MapRunner:
 
     def inspect(self, path, class_name, memory=None, llm=True):
         from types import SimpleNamespace
+        from anomalygpt_edge.runtime.answers import locations
         amap = self.to_map(self.masks[str(path)].astype('float32'))
-        return SimpleNamespace(score=float(amap.max()), anomaly_map=amap, verdict=None, answer=None)
+        return SimpleNamespace(score=float(amap.max()), anomaly_map=amap, verdict=None, answer=None,
+                               locations=locations(amap, self.prompt['location_words']))
 
 
 def test_map_location_is_the_cell_of_the_maps_own_region(dataset):

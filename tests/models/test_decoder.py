@@ -17,3 +17,22 @@ def test_logit_scale_multiplies_the_cosine_logits_and_defaults_to_the_reference(
     assert max(float(t.abs().max()) for t in full) <= spec.LOGIT_SCALE
     probs = torch.stack([torch.softmax(lg, dim=1)[:, 1] for lg in full]).mean(0).unsqueeze(1)
     torch.testing.assert_close(zero_shot_map(dec, taps, tf), probs)
+
+
+def test_the_runtime_reads_the_decoders_upsampled_map_where_the_patch_lies():
+    """Every column of the 16x16 grid, alone, upsampled by the decoder: the runtime's location word is the cell of
+    the patch's centre in the image (in map coordinates, column 5, just inside the centre cell, reads "left")."""
+    from anomalygpt_edge.models.decoder import upsample
+    from anomalygpt_edge.runtime.answers import locations, position_word
+    n, size = spec.IMAGE_SIZE // 14, spec.IMAGE_SIZE
+    patch = size // n
+    wrong_in_map_coordinates = 0
+    for col in range(n):
+        scores = torch.zeros(1, 1, n, n)
+        scores[0, 0, 7:9, col] = 1.0   # two patches tall, so that an edge column's half region still counts
+        m = upsample(scores, size)[0, 0].numpy()
+        want = position_word((7.5 * patch + (patch - 1) / 2) / size, (col * patch + (patch - 1) / 2) / size,
+                             spec.POSITION_WORDS)
+        assert locations(m, spec.POSITION_WORDS, threshold=0.5, grid=n) == [want], col
+        wrong_in_map_coordinates += locations(m, spec.POSITION_WORDS, threshold=0.5) != [want]
+    assert wrong_in_map_coordinates > 0
