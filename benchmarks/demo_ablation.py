@@ -4,7 +4,9 @@
   python -m anomalygpt_edge.benchmarks.demo_ablation --maps-only --json OUT.json NAME=WORK ...
 
 Each WORK is a training directory of ``models/train.py`` (its ``final.pt`` and ``tokenizer``; with
-``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained). Every
+``--maps-only``, its stage-1 checkpoint ``vision.pt``, so vision recipes compare before any LLM is trained), or
+an exported bundle (a directory with ``manifest.json``, e.g. the shipped ``runtime/demo/bundle`` whose checkpoint
+is gone), measured through the runtime (ONNX Runtime + llama.cpp) instead of the PyTorch reference. Every
 checkpoint is measured on the same held-out images as ``demo_report`` (seed 1000; scratch, stain, hole),
 zero-shot, with the reference's rules: image and pixel AUROC, Yes/No accuracy, location accuracy on the
 single-region defect images; the accuracy of "anomalous where the map reaches 0.5" (some pixel at or above
@@ -106,6 +108,26 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     return out
 
 
+def measure_bundle(bundle: Path, root: Path, progress: bool = True, maps_only: bool = False) -> dict:
+    """``measure``'s figures of an exported bundle, through the runtime."""
+    from ..runtime.pipeline import Pipeline
+    from .evaluate import discover, evaluate
+    from .metrics import map_half_accuracy, mean_or_none
+    with Pipeline.from_bundle(bundle, llm=not maps_only, verify_hashes=True) as pipeline:
+        pipe = ScoreRecorder(pipeline)
+        rep = evaluate(pipe, root, progress=progress, llm=not maps_only)
+    classes = {}
+    for name, samples in discover(root).items():
+        verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
+        classes[name] = {**{k: rep['classes'][name].get(k) for k in KEYS}, 'map_half_accuracy': verdict}
+    out = {'bundle': str(bundle), 'minutes': None, 'mean': {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS},
+           'classes': classes}
+    out['intervals'] = {k: v for k, v in rep['intervals'].items() if out['mean'].get(k) is not None}
+    if 'location_breakdown' in rep:
+        out['location_breakdown'] = rep['location_breakdown']
+    return out
+
+
 def load_vision(work: Path, model, text) -> dict:
     """Load the stage-1 checkpoint ``<work>/vision.pt`` (vision tower, decoder, text tower; their weight
     average where the run kept one, as stage 2 gets them)."""
@@ -195,8 +217,9 @@ def main(argv=None) -> int:
     need = 'vision.pt' if args.maps_only else 'final.pt'
     for item in args.runs:
         name, sep, work = item.partition('=')
-        if not sep or not name or not (Path(work) / need).is_file():
-            print(f"demo_ablation: {item!r}: expected NAME=WORK with WORK/{need}", file=sys.stderr)
+        if not sep or not name or not any((Path(work) / f).is_file() for f in (need, 'manifest.json')):
+            print(f"demo_ablation: {item!r}: expected NAME=WORK with WORK/{need}, or NAME=BUNDLE (a directory with "
+                  "manifest.json)", file=sys.stderr)
             return 2
         runs[name] = Path(work)
     from ..models.synthetic import CATEGORIES
@@ -208,7 +231,9 @@ def main(argv=None) -> int:
             write_mvtec_layout(root, list(CATEGORIES), n_train_good=0, n_test_good=args.good,
                                n_test_defect=args.per_kind, seed=args.seed, defect_kinds=DEFECTS)
             for name, work in runs.items():
-                results[name] = measure(work, root, args.config, maps_only=args.maps_only)
+                results[name] = (measure_bundle(work, root, maps_only=args.maps_only)
+                                 if (work / 'manifest.json').is_file() else
+                                 measure(work, root, args.config, maps_only=args.maps_only))
     report = {'maps_only': args.maps_only, 'held_out': held_out, 'runs': results, 'table': markdown(results)}
     tmp_path = Path(args.json).with_name(Path(args.json).name + '.partial')
     tmp_path.write_text(json.dumps(report, indent=1))

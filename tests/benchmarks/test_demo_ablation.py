@@ -82,3 +82,21 @@ def test_maps_only_measures_the_stage_1_checkpoint_as_the_full_run_measures_its_
     (work / 'vision.pt').unlink()
     assert demo_ablation.main(['--json', str(maps), '--maps-only', f'a={work}']) == 2
     assert 'vision.pt' in capsys.readouterr().err
+
+
+def test_a_bundle_is_measured_through_the_runtime_as_its_checkpoint_is_through_the_reference(tmp_path):
+    work, bundle = tmp_path / 'work', tmp_path / 'bundle'
+    args = ['--work', str(work), '--config', 'tiny', '--vision-steps', '2', '--lm-steps', '2', '--samples', '4',
+            '--batch', '2', '--threads', '1', '--threshold-images', '0']
+    assert train(args) == 0
+    assert train([*args, '--bundle', str(bundle), '--export-only']) == 0
+    out = tmp_path / 'both.json'
+    assert demo_ablation.main(['--json', str(out), '--config', 'tiny', '--per-kind', '1', '--good', '1',
+                               f'reference={work}', f'runtime={bundle}']) == 0
+    runs = json.loads(out.read_text())['runs']
+    ref, rt = runs['reference'], runs['runtime']
+    assert rt['bundle'] == str(bundle) and set(rt['classes']) == set(ref['classes'])
+    for k in ('image_auroc', 'pixel_auroc', 'map_half_accuracy', 'map_location_accuracy'):
+        assert rt['mean'][k] == pytest.approx(ref['mean'][k], abs=0.02), k
+    assert rt['mean']['yes_no_accuracy'] == ref['mean']['yes_no_accuracy']
+    assert rt['location_breakdown']['by_border'] == ref['location_breakdown']['by_border']
