@@ -199,7 +199,8 @@ def main(argv=None) -> int:
                     help="measure each WORK's stage-1 checkpoint (vision.pt): image and pixel AUROC, no LLM")
     ap.add_argument('--keep', metavar='OLD.json',
                     help='an earlier report of this script on the same held-out set: its runs stay in the table (ahead '
-                         'of the new ones; a new run of the same name replaces one), for recipes whose checkpoints are gone')
+                         'of the new ones; a new run of the same name replaces one in its place), for recipes whose '
+                         'checkpoints are gone')
     ap.add_argument('--drop', action='append', default=[], metavar='NAME', help='a kept run to leave out (repeatable)')
     ap.add_argument('--rename', action='append', default=[], nargs=2, metavar=('OLD', 'NEW'),
                     help='give a kept run a new label, e.g. once it is no longer the shipped one (repeatable)')
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         runs[name] = Path(work)
     from ..models.synthetic import CATEGORIES
     from ..models.synthetic_dataset import write_mvtec_layout
-    results = {n: r for n, r in kept.items() if n not in runs}
+    results = dict(kept)   # a run measured anew keeps its place
     if runs:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / 'heldout'

@@ -34,6 +34,10 @@ def test_measures_each_run_and_refuses_a_directory_without_a_model(tmp_path, cap
     merged = json.loads(more.read_text())
     assert list(merged['runs']) == ['b2', 'c'] and merged['runs']['b2'] == report['runs']['b']
     assert merged['runs']['c']['mean'] == b['mean'] and merged['table'].count('\n') == 3
+    # a kept run measured anew keeps its place in the table
+    again = tmp_path / 'again.json'
+    assert demo_ablation.main(['--json', str(again), *common[:-2], '--keep', str(more), f'b2={work}']) == 0
+    assert list(json.loads(again.read_text())['runs']) == ['b2', 'c']
     assert demo_ablation.main(['--json', str(more), *common[:-4], '--good', '2', '--keep', str(out), f'c={work}']) == 2
     assert 'another held-out set' in capsys.readouterr().err
     # a validation set of another seed is recorded as such, and cannot be merged with the held-out figures
