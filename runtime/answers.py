@@ -6,6 +6,8 @@ import re
 import cv2
 import numpy as np
 
+from .map_geometry import map_to_image
+
 _YES = re.compile(r'^\W*yes\b', re.IGNORECASE)
 _NO = re.compile(r'^\W*no\b', re.IGNORECASE)
 _COMMITTED = re.compile(r'^\W*(yes|no)\W', re.IGNORECASE)
@@ -45,20 +47,11 @@ def border_distance(row: float, col: float) -> float:
     return min(abs(v - b) for v in (row, col) for b in CELL_BORDERS)
 
 
-def map_to_image(v: float, size: int, grid: int) -> float:
-    """A map pixel's coordinate (along one side) -> the image coordinate of what it shows. The decoder upsamples
-    its grid x grid patch scores with ``align_corners=True``, which puts the outer patches' centres on the map's
-    edge pixels though they lie half a patch inside the image: the map is stretched outward from the centre
-    (by 2.3 px at the 3x3 grid's borders at 224, enough to put a defect near a border in the wrong cell)."""
-    patch = size / grid
-    return v * (grid - 1) / (size - 1) * patch + (patch - 1) / 2
-
-
 def locations(anomaly_map: np.ndarray, words, threshold: float = 0.5, max_regions: int = 3,
               min_area_frac: float = 0.002, grid: int | None = None) -> list[str]:
     """Position words of the regions where the map is at least ``threshold``, largest first,
     each word once (as the reference's answers name each position once). ``grid``: the patch grid the map
-    was upsampled from; each region's centroid is then placed where it lies in the image (``map_to_image``)."""
+    was upsampled from; each region's centroid is then placed where it lies in the image (``map_geometry``)."""
     mask = (anomaly_map >= threshold).astype(np.uint8)
     n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     h, w = anomaly_map.shape

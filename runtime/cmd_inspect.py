@@ -56,7 +56,7 @@ def run(args) -> int:
                 from .overlay import overlay, write_png
                 from .preprocess import load_image
                 out = Path(args.save_maps) / f"{Path(image).stem}-map.png"
-                write_png(out, overlay(load_image(image), res.anomaly_map))
+                write_png(out, overlay(load_image(image), res.anomaly_map, grid=res.token_grid))
             if args.json:
                 print(json.dumps(res.to_dict()), flush=True)
             else:

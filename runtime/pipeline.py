@@ -34,14 +34,16 @@ class Result:
     threshold: float | None = None        # the class's calibrated score threshold, when it has one
     map_verdict: str | None = None        # 'yes'/'no' from score vs threshold, known before the LLM runs
                                           # (the two-speed verdict; never the LLM's)
+    token_grid: int | None = None         # the patch grid the map was upsampled from (runtime.map_geometry)
 
     def map_at_original(self) -> np.ndarray:
-        """The map resized to the input image's size (squash mode inverts exactly this way)."""
-        import cv2
+        """The map resized to the input image's size (squash mode inverts exactly this way), each pixel read
+        where the map shows that place of the image (``map_geometry``)."""
+        from .map_geometry import map_at_size
         if self.original_size is None:
             return self.anomaly_map
         h, w = self.original_size
-        return cv2.resize(self.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
+        return map_at_size(self.anomaly_map, h, w, self.token_grid)
 
     def to_dict(self, include_map: bool = False) -> dict:
         d = {'image': self.image, 'class': self.class_name, 'verdict': self.verdict, 'answer': self.answer,
@@ -364,10 +366,10 @@ class Pipeline:
             verdict, source = map_verdict, 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
         return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
-                      locations=locations(m, self.prompt['location_words'], threshold, grid=self.token_grid), verdict=verdict,
-                      answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
+                      locations=locations(m, self.prompt['location_words'], threshold, grid=self.token_grid),
+                      verdict=verdict, answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
                       few_shot=memory is not None, verdict_source=source, threshold=score_threshold,
-                      map_verdict=map_verdict)
+                      map_verdict=map_verdict, token_grid=self.token_grid)
 
     def chat(self, image, **kwargs) -> "Chat":
         return Chat(self, image, **kwargs)

@@ -267,7 +267,8 @@ class Watcher:
     def _save_map(self, index: int, rgb, res) -> str | None:
         from .overlay import overlay, write_png
         try:
-            return str(write_png(self.save_maps / f'frame-{index:08d}-map.png', overlay(rgb, res.anomaly_map)))
+            return str(write_png(self.save_maps / f'frame-{index:08d}-map.png',
+                                 overlay(rgb, res.anomaly_map, grid=res.token_grid)))
         except (OSError, ValueError) as e:
             self.errors += 1
             self.log(f"frame {index}: overlay not saved: {e}")

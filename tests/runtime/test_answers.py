@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from anomalygpt_edge.runtime.answers import (border_distance, locations, map_to_image, parse_verdict, position_word,
-                                             verdict_known)
+from anomalygpt_edge.runtime.answers import border_distance, locations, parse_verdict, position_word, verdict_known
 
 WORDS = (('top left', 'top', 'top right'), ('left', 'center', 'right'), ('bottom left', 'bottom', 'bottom right'))
 
@@ -47,29 +46,12 @@ def test_locations_from_map():
     assert locations(m, WORDS, threshold=0.85) == ['top right']
 
 
-def _align_corners_upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear, corners aligned (as the decoder's), written out: map pixel m reads grid point m (n-1)/(size-1)."""
-    n = grid.shape[0]
-    pos = np.arange(size) * (n - 1) / (size - 1)
-    lo = np.minimum(pos.astype(int), n - 2)
-    f = pos - lo
-    rows = grid[lo] * (1 - f)[:, None] + grid[lo + 1] * f[:, None]
-    return rows[:, lo] * (1 - f) + rows[:, lo + 1] * f
-
-
-@pytest.mark.parametrize('size,grid', [(224, 16), (448, 32), (224, 7)])
-def test_map_to_image_puts_each_grid_point_on_its_patch_centre(size, grid):
-    patch = size // grid
-    for g in range(grid):
-        assert map_to_image(g * (size - 1) / (grid - 1), size, grid) == pytest.approx(g * patch + (patch - 1) / 2)
-
-
-def test_locations_place_a_patch_where_it_is_in_the_image():
+def test_locations_place_a_patch_where_it_is_in_the_image(align_corners_upsample):
     # patch column 5 of 16 covers image columns 70-83, in the centre column of cells (74.7 is the border);
     # the upsampled map puts its peak at 74.3, just left of the border
     scores = np.zeros((16, 16), np.float32)
     scores[7:9, 5] = 1.0
-    m = _align_corners_upsample(scores, 224)
+    m = align_corners_upsample(scores, 224)
     assert locations(m, WORDS, threshold=0.5) == ['left']                 # read in map coordinates
     assert locations(m, WORDS, threshold=0.5, grid=16) == ['center']      # read where the patch lies
 
