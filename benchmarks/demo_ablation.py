@@ -120,6 +120,8 @@ def measure_bundle(bundle: Path, root: Path, progress: bool = True, maps_only: b
     for name, samples in discover(root).items():
         verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
         classes[name] = {**{k: rep['classes'][name].get(k) for k in KEYS}, 'map_half_accuracy': verdict}
+        if maps_only:   # without its LLM the runtime answers by the bundle's calibrated thresholds: not measured here
+            classes[name]['yes_no_accuracy'] = None
     out = {'bundle': str(bundle), 'minutes': None, 'classes': classes,
            'mean': {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}}
     out['intervals'] = {k: v for k, v in rep['intervals'].items() if out['mean'].get(k) is not None}

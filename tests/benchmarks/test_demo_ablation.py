@@ -93,7 +93,7 @@ def test_a_bundle_is_measured_through_the_runtime_as_its_checkpoint_is_through_t
     args = ['--work', str(work), '--config', 'tiny', '--vision-steps', '2', '--lm-steps', '2', '--samples', '4',
             '--batch', '2', '--threads', '1', '--threshold-images', '0']
     assert train(args) == 0
-    assert train([*args, '--bundle', str(bundle), '--export-only']) == 0
+    assert train([*args[:-1], '2', '--bundle', str(bundle), '--export-only']) == 0   # with calibrated thresholds
     out = tmp_path / 'both.json'
     assert demo_ablation.main(['--json', str(out), '--config', 'tiny', '--per-kind', '1', '--good', '1',
                                f'reference={work}', f'runtime={bundle}']) == 0
@@ -104,3 +104,10 @@ def test_a_bundle_is_measured_through_the_runtime_as_its_checkpoint_is_through_t
         assert rt['mean'][k] == pytest.approx(ref['mean'][k], abs=0.02), k
     assert rt['mean']['yes_no_accuracy'] == ref['mean']['yes_no_accuracy']
     assert rt['location_breakdown']['by_border'] == ref['location_breakdown']['by_border']
+    maps = tmp_path / 'maps.json'
+    assert demo_ablation.main(['--json', str(maps), '--config', 'tiny', '--per-kind', '1', '--good', '1', '--maps-only',
+                               f'reference={work}', f'runtime={bundle}']) == 0
+    runs = json.loads(maps.read_text())['runs']
+    # the bundle's thresholds would answer Yes/No without the LLM: a maps-only table has no Yes/No
+    assert runs['runtime']['mean']['yes_no_accuracy'] is None is runs['reference']['mean']['yes_no_accuracy']
+    assert runs['runtime']['mean']['pixel_auroc'] == pytest.approx(runs['reference']['mean']['pixel_auroc'], abs=0.02)
