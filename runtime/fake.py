@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .answers import locations
+from .answers import region_words, regions
 from .pipeline import Result
 from .preprocess import ImageError, decode_image, load_image
 
@@ -87,8 +87,9 @@ class FakePipeline:
                 answer = ('Yes, there is an anomaly in the image.' if verdict == 'yes'
                           else 'No, there is no anomaly in the image.')
             self.calls += 1
-            return Result(image=name, class_name=cls, score=score, anomaly_map=amap,
-                          locations=locations(amap, LOCATION_WORDS, threshold), verdict=verdict, answer=answer,
+            found = regions(amap, LOCATION_WORDS, threshold)
+            return Result(image=name, class_name=cls, score=score, anomaly_map=amap, regions=found,
+                          locations=region_words(found), verdict=verdict, answer=answer,
                           timings_ms={'total': (time.perf_counter() - t0) * 1e3}, original_size=rgb.shape[:2],
                           few_shot=memory is not None)
         finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .answers import locations, parse_verdict, verdict_known
+from .answers import parse_verdict, region_words, regions, verdict_known
 from .bundle import Bundle, BundleError
 from .preprocess import ImageError, load_image, decode_image, preprocess
 
@@ -35,6 +35,8 @@ class Result:
     map_verdict: str | None = None        # 'yes'/'no' from score vs threshold, known before the LLM runs
                                           # (the two-speed verdict; never the LLM's)
     token_grid: int | None = None         # the patch grid the map was upsampled from (runtime.map_geometry)
+    regions: list[dict] = field(default_factory=list)   # the hot regions behind ``locations``: word, centroid,
+                                          # box, area (fractions of the image), peak (answers.regions)
 
     def map_at_original(self) -> np.ndarray:
         """The map resized to the input image's size (squash mode inverts exactly this way), each pixel read
@@ -55,6 +57,8 @@ class Result:
             d['threshold'] = round(self.threshold, 6)
         if self.map_verdict is not None:
             d['map_verdict'] = self.map_verdict
+        d['regions'] = [{k: [round(b, 4) for b in v] if k == 'box' else round(v, 4) if isinstance(v, float) else v
+                         for k, v in r.items()} for r in self.regions]
         if include_map:
             d['anomaly_map'] = self.anomaly_map.tolist()
         return d
@@ -365,9 +369,10 @@ class Pipeline:
         elif map_verdict is not None:
             verdict, source = map_verdict, 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
-        return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m,
-                      locations=locations(m, self.prompt['location_words'], threshold, grid=self.token_grid),
-                      verdict=verdict, answer=answer, answer_ids=ids, timings_ms=timings, original_size=tuple(size),
+        found = regions(m, self.prompt['location_words'], threshold, grid=self.token_grid)
+        return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m, regions=found,
+                      locations=region_words(found), verdict=verdict, answer=answer, answer_ids=ids,
+                      timings_ms=timings, original_size=tuple(size),
                       few_shot=memory is not None, verdict_source=source, threshold=score_threshold,
                       map_verdict=map_verdict, token_grid=self.token_grid)
 

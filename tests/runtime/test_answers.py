@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from anomalygpt_edge.runtime.answers import border_distance, locations, parse_verdict, position_word, verdict_known
+from anomalygpt_edge.runtime.answers import (border_distance, locations, parse_verdict, position_word, regions,
+                                             verdict_known)
 
 WORDS = (('top left', 'top', 'top right'), ('left', 'center', 'right'), ('bottom left', 'bottom', 'bottom right'))
 
@@ -54,6 +55,34 @@ def test_locations_place_a_patch_where_it_is_in_the_image(align_corners_upsample
     m = align_corners_upsample(scores, 224)
     assert locations(m, WORDS, threshold=0.5) == ['left']                 # read in map coordinates
     assert locations(m, WORDS, threshold=0.5, grid=16) == ['center']      # read where the patch lies
+
+
+def test_regions_give_each_hot_regions_box_centroid_area_and_peak():
+    m = np.zeros((224, 224), np.float32)
+    m[10:40, 180:220] = 0.9      # top right, larger
+    m[20, 200] = 0.95            # its hottest pixel
+    m[150:170, 100:120] = 0.8    # bottom centre
+    m[100, 5] = 0.99             # below the minimum area
+    big, small = regions(m, WORDS)
+    assert (big['where'], small['where']) == ('top right', 'bottom')
+    assert big['box'] == pytest.approx([180 / 224, 10 / 224, 220 / 224, 40 / 224])
+    assert (big['x'], big['y']) == (pytest.approx(200 / 224), pytest.approx(25 / 224))
+    assert big['area'] == pytest.approx(30 * 40 / 224 ** 2)
+    assert (big['peak'], small['peak']) == (pytest.approx(0.95), pytest.approx(0.8))
+    assert [r['where'] for r in regions(m, WORDS, threshold=0.85)] == ['top right']
+
+
+def test_regions_of_an_upsampled_map_cover_their_patches_in_the_image(align_corners_upsample):
+    # patches (rows 7-8, cols 5-6) span image pixels 98-126 x 70-98; bilinear upsampling puts the 0.5 contour
+    # half-way between hot and cold patch centres, i.e. on the patches' edges, once read where it lies
+    scores = np.zeros((16, 16), np.float32)
+    scores[7:9, 5:7] = 1.0
+    m = align_corners_upsample(scores, 224)
+    (placed,), (raw,) = regions(m, WORDS, grid=16), regions(m, WORDS)
+    assert placed['box'] == pytest.approx([70 / 224, 98 / 224, 98 / 224, 126 / 224], abs=1.5 / 224)
+    assert placed['area'] == pytest.approx(28 * 28 / 224 ** 2, rel=0.1)
+    assert placed['x'] == pytest.approx(84 / 224, abs=0.5 / 224) and placed['where'] == 'center'
+    assert raw['box'][0] < 68 / 224 and raw['where'] == 'center'   # in map coordinates: stretched outward
 
 
 def test_border_distance_is_the_gap_to_the_nearest_cell_border():

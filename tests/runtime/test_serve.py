@@ -46,6 +46,8 @@ def test_good_image_with_heatmap(service):
     d = r.json()
     assert d['verdict'] == 'yes' and d['anomalous'] and d['class'] == 'bottle' and d['image'] == 'part.png'
     assert d['score'] == 1.0 and d['locations'] == ['top right'] and d['latency_ms']['inspect'] >= 50
+    (region,) = d['regions']   # the white corner: columns 52-63 of 64, rows 0-9 of 48
+    assert region['where'] == 'top right' and region['box'] == pytest.approx([52 / 64, 0, 1, 10 / 48], abs=0.03)
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(d['heatmap_png_base64']), np.uint8), cv2.IMREAD_COLOR)
     assert heat.shape == (48, 64, 3)
     assert 'heatmap_png_base64' not in post(client).json()
