@@ -195,7 +195,7 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
         if heatmap:
             import cv2
             from .overlay import overlay
-            ok, png = cv2.imencode('.png', overlay(rgb, res.anomaly_map, grid=res.token_grid))
+            ok, png = cv2.imencode('.png', overlay(rgb, res.anomaly_map, grid=res.token_grid, regions=res.regions))
             out['heatmap_png_base64'] = base64.b64encode(png.tobytes()).decode('ascii') if ok else None
         t3 = time.perf_counter()
         out['latency_ms'] = {'queue': round((t1 - tq) * 1e3, 3), 'inspect': round((t2 - t1) * 1e3, 3),

@@ -268,7 +268,7 @@ class Watcher:
         from .overlay import overlay, write_png
         try:
             return str(write_png(self.save_maps / f'frame-{index:08d}-map.png',
-                                 overlay(rgb, res.anomaly_map, grid=res.token_grid)))
+                                 overlay(rgb, res.anomaly_map, grid=res.token_grid, regions=res.regions)))
         except (OSError, ValueError) as e:
             self.errors += 1
             self.log(f"frame {index}: overlay not saved: {e}")
