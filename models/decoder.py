@@ -31,6 +31,19 @@ def upsample(grid: torch.Tensor, size: int = spec.IMAGE_SIZE) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode='bilinear', align_corners=True)
 
 
+def label_as_map(labels: torch.Tensor, grid: int) -> torch.Tensor:
+    """Labels [B,1,H,W] drawn in the image -> drawn where ``upsample``'s map of a grid x grid patch grid shows the
+    same places (``runtime.map_geometry``: that map is the image stretched outward from its centre)."""
+    from ..runtime.map_geometry import map_to_image
+    b, _, h, w = labels.shape
+
+    def axis(size: int) -> torch.Tensor:   # each map pixel -> the image place it shows, in grid_sample's [-1, 1]
+        return torch.tensor([map_to_image(v, size, grid) for v in range(size)]) * 2 / (size - 1) - 1
+    gy, gx = torch.meshgrid(axis(h), axis(w), indexing='ij')
+    where = torch.stack([gx, gy], -1).to(labels.dtype)[None].expand(b, -1, -1, -1)
+    return F.grid_sample(labels, where, mode='bilinear', padding_mode='border', align_corners=True)
+
+
 def layer_logits(decoder: LinearLayer, taps, text_features: torch.Tensor, scale: float = spec.LOGIT_SCALE):
     """Per tapped layer, the upsampled [normal, abnormal] logits [B,2,224,224].
 

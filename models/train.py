@@ -29,7 +29,7 @@ from . import spec
 from .anomaly_sim import SimParams
 from .anomalygpt import AnomalyGPT
 from .config import CONFIGS, ModelConfig, get_config
-from .decoder import few_shot_map_matmul, layer_logits
+from .decoder import few_shot_map_matmul, label_as_map, layer_logits
 from .imagebind import TextTower, init_random
 from .losses import pixel_loss
 from .patch_probe import PatchProbe, cell_targets, patch_targets, probe_loss
@@ -240,12 +240,16 @@ class TrainSettings:
     # validation 0.973 / 0.947 / 0.940 / 0.733, the location set 0.971 / 0.952 / 0.918 / 0.781 (2300 steps, data
     # seed + 2): the LLM learns to place defects from the reference's patches, not from stripes that span cells
     lm_nsa_thin_fraction: float = 0.0
+    # share of stage 2's batches whose maps are their simulated labels, drawn where the decoder's map shows those
+    # places (decoder.label_as_map), instead of the vision stage's maps: exact maps from which the LLM can learn
+    # where the cell borders lie (0: off, the reference's recipe)
+    label_map_fraction: float = 0.0
 
     def __post_init__(self):
         if self.adamw not in ADAMW_KINDS:
             raise ValueError(f"adamw must be one of {', '.join(ADAMW_KINDS)}, got {self.adamw!r}")
         for name in ('few_shot_fraction', 'foreign_fraction', 'faint_fraction', 'nsa_thin_fraction',
-                     'lm_nsa_thin_fraction'):
+                     'lm_nsa_thin_fraction', 'label_map_fraction'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ('nsa_size_scale', 'lm_nsa_size_scale'):
@@ -297,6 +301,7 @@ SETTING_HELP = {
     'lm_nsa_size_scale': "the same scale for stage 2's simulated anomalies",
     'nsa_thin_fraction': "share of NSA patches drawn as thin stripes: one half-width at its lower bound (0: off)",
     'lm_nsa_thin_fraction': "the same share for stage 2's simulated anomalies",
+    'label_map_fraction': "share of stage 2's batches that see their labels as maps, not the vision stage's maps",
     'wood_soft_label': "label wood grain's simulated anomalies with MVTec wood's softer logistic (k 1/6, x0 15); "
                        "--no-wood-soft-label: the textures' (1/3, 7), as the other classes",
 }
@@ -666,6 +671,7 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
     if probe is not None:
         probe.train()
     few_shot_rng = random.Random(s.seed + 7)
+    label_map_rng = random.Random(s.seed + 13)
 
     @functools.lru_cache(maxsize=8)
     def memories(category: str, step: int):
@@ -677,7 +683,9 @@ def train_language(model: AnomalyGPT, text: TextTower, tokenizer, dataset, s: Tr
     def step_loss(b, step):
         with torch.no_grad():
             emb, taps = model.visual_encoder(b['images'])
-            if few_shot_rng.random() < s.few_shot_fraction:
+            if s.label_map_fraction and label_map_rng.random() < s.label_map_fraction:
+                amap = label_as_map(b['masks'], model.cfg.vision.grid)
+            elif few_shot_rng.random() < s.few_shot_fraction:
                 # as the reference: half the batches see the few-shot map (one normal image per class)
                 amap = torch.cat([few_shot_map_matmul([t[i:i + 1] for t in taps], memories(c, step))
                                   for i, c in enumerate(b['categories'])])

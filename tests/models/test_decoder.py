@@ -1,4 +1,5 @@
 """The zero-shot decoder's logits (models/decoder.py)."""
+import pytest
 import torch
 
 from anomalygpt_edge.models import spec
@@ -36,3 +37,21 @@ def test_the_runtime_reads_the_decoders_upsampled_map_where_the_patch_lies():
         assert locations(m, spec.POSITION_WORDS, threshold=0.5, grid=n) == [want], col
         wrong_in_map_coordinates += locations(m, spec.POSITION_WORDS, threshold=0.5) != [want]
     assert wrong_in_map_coordinates > 0
+
+
+def test_a_patch_label_drawn_as_a_map_lies_where_the_decoder_shows_that_patch():
+    from anomalygpt_edge.models.decoder import label_as_map, upsample
+    n, size = spec.IMAGE_SIZE // 14, spec.IMAGE_SIZE
+
+    def centroid(m):
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
+        return float((m * ys).sum() / m.sum()), float((m * xs).sum() / m.sum())
+    for row, col in ((7, 5), (2, 13), (10, 10)):
+        label = torch.zeros(1, 1, size, size)
+        label[0, 0, row * 14:(row + 1) * 14, col * 14:(col + 1) * 14] = 1.0
+        scores = torch.zeros(1, 1, n, n)
+        scores[0, 0, row, col] = 1.0
+        want = centroid(upsample(scores, size)[0, 0])
+        got = centroid(label_as_map(label, n)[0, 0])
+        assert got == (pytest.approx(want[0], abs=0.5), pytest.approx(want[1], abs=0.5))
+        assert abs(centroid(label[0, 0])[1] - want[1]) > 2.0   # the label itself lies elsewhere in the map

@@ -391,3 +391,28 @@ def test_each_stage_simulates_with_its_own_nsa_settings(tmp_path, monkeypatch):
                                               '--nsa-thin-fraction', '0.3', '--lm-nsa-thin-fraction', '0.3',
                                               '--language-seed-offset', '0']) == 0
     assert seen['language'] is seen['vision']
+
+
+def test_label_maps_hand_stage_2_its_labels_where_the_map_shows_them(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import decoder, train
+    from anomalygpt_edge.models.prompt_learner import PromptLearner
+    drawn, seen = [], []
+
+    def spy(labels, grid):
+        drawn.append((labels.clone(), decoder.label_as_map(labels, grid)))
+        return drawn[-1][1]
+    forward = PromptLearner.forward
+
+    def record(self, amap):
+        seen.append(amap)
+        return forward(self, amap)
+    monkeypatch.setattr(train, 'label_as_map', spy)
+    monkeypatch.setattr(PromptLearner, 'forward', record)
+    assert main(args(tmp_path / 'w', 1, 2) + ['--label-map-fraction', '1']) == 0
+    assert len(drawn) == 2
+    for (labels, as_map), amap in zip(drawn, seen[-2:]):
+        assert amap is as_map and labels.shape == (2, 1, 224, 224)
+        assert labels[0::2].sum() == 0 and labels[1::2].sum() > 0   # (normal, simulated) pairs
+    drawn.clear()
+    assert main(args(tmp_path / 'w0', 1, 2)) == 0
+    assert drawn == []                                              # off by default: the vision stage's maps
