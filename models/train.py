@@ -242,11 +242,11 @@ class TrainSettings:
     lm_nsa_thin_fraction: float = 0.0
     # share of stage 2's batches whose maps are their simulated labels, drawn where the decoder's map shows those
     # places (decoder.label_as_map), instead of the vision stage's maps: exact maps from which the LLM can learn
-    # where the cell borders lie (0: off, the reference's recipe). Fed one synthetic blob at a time, the LLM's
-    # borders sat 1-5 px off the true ones and moved as much between draws of the language data. Off: 0.5, in two
-    # language stages on one vision stage (6000 steps, an Intel Xeon), located 0.744 and 0.756 on validation
-    # against 0.700 and 0.678, but 0.789 and 0.781 on the location set against 0.778 and 0.789 (near a border 37
-    # and 38 of 67 against 35 and 36), Yes/No unchanged; its borders sat within 0.2-3.7 px of the true ones
+    # where the cell borders lie (0: off, the reference's recipe). Off: 0.5, in two language stages on one vision
+    # stage (6000 steps, an Intel Xeon), located 0.744 and 0.756 on validation against 0.700 and 0.678, but 0.789
+    # and 0.781 on the location set against 0.778 and 0.789 (near a border 37 and 38 of 67 against 35 and 36),
+    # Yes/No unchanged. Its LLMs' borders sat 1.5 and 1.6 px off the true ones on average against 2.9 and 1.8
+    # (benchmarks/llm_borders.py; benchmarks/results/llm-borders.json), and named a place for every hot spot
     label_map_fraction: float = 0.0
 
     def __post_init__(self):
