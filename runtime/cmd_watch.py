@@ -1,6 +1,6 @@
 """Watch a line camera, video, stream or image folder and inspect its frames with a bundle.
 
-One JSON line per inspected frame (timestamp, frame index, verdict, score, locations, answer,
+One JSON line per inspected frame (timestamp, frame index, verdict, score, locations, regions, answer,
 latencies, frames dropped so far) on stdout or appended to --out; overlays of anomalous frames
 with --save-maps. SIGINT/SIGTERM stop cleanly with a final summary line (exit code 0).
 

@@ -217,7 +217,7 @@ def test_cli_video_file_one_line_per_frame(tmp_path, capsys):
     frames, summary = parse(capsys.readouterr().out)
     assert [f['frame'] for f in frames] == list(range(12))
     f = frames[0]
-    assert {'ts', 'frame', 'verdict', 'score', 'locations', 'answer', 'latency_ms', 'drops'} <= set(f)
+    assert {'ts', 'frame', 'verdict', 'score', 'locations', 'regions', 'answer', 'latency_ms', 'drops'} <= set(f)
     assert f['verdict'] == 'no' and f['answer'].startswith('No') and f['drops'] == 0
     assert summary['type'] == 'summary' and summary['frames_read'] == 12 and summary['inspected'] == 12
 
