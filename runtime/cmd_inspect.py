@@ -57,7 +57,7 @@ def run(args) -> int:
                 from .preprocess import load_image
                 out = Path(args.save_maps) / f"{Path(image).stem}-map.png"
                 write_png(out, overlay(load_image(image), res.anomaly_map, grid=res.token_grid,
-                                               regions=res.regions))
+                                       regions=res.regions))
             if args.json:
                 print(json.dumps(res.to_dict()), flush=True)
             else:
