@@ -246,7 +246,8 @@ class TrainSettings:
     # stage (6000 steps, an Intel Xeon), located 0.744 and 0.756 on validation against 0.700 and 0.678, but 0.789
     # and 0.781 on the location set against 0.778 and 0.789 (near a border 37 and 38 of 67 against 35 and 36),
     # Yes/No unchanged. Its LLMs' borders sat 1.5 and 1.6 px off the true ones on average against 2.9 and 1.8
-    # (benchmarks/llm_borders.py; benchmarks/results/llm-borders.json), and named a place for every hot spot
+    # (benchmarks/llm_borders.py; benchmarks/results/llm-borders.json), and named a place for every hot spot.
+    # With label_centres as well: 0.722 and 0.689 on validation, 0.789 and 0.807 on the location set
     label_map_fraction: float = 0.0
 
     def __post_init__(self):
