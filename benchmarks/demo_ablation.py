@@ -85,24 +85,14 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
     from ..models.text_features import text_feature_table
     from ..models.tokenizer import load_tokenizer
     from ..models.train import build_small, load_trained
-    from .evaluate import discover, evaluate
-    from .metrics import map_half_accuracy, mean_or_none
+    from .evaluate import evaluate
     model, text = build_small(work / 'tokenizer', 0, config)
     state = load_vision(work, model, text) if maps_only else load_trained(work, model, text)
     ref = ReferencePipeline(model, load_tokenizer(work / 'tokenizer'), text_feature_table(text, list(CATEGORIES)))
     questions = {name.replace('_', ' '): c.question for name, c in CATEGORIES.items()}
     pipe = ScoreRecorder(ReferenceAsPipeline(ref, questions, POSITION_WORDS))
-    rep = evaluate(pipe, root, progress=progress, llm=not maps_only)
-    classes = {}
-    for name, samples in discover(root).items():
-        c = rep['classes'][name]
-        verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
-        classes[name] = {**{k: c.get(k) for k in KEYS}, 'map_half_accuracy': verdict}
-    mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
-    out = {'work': str(work), 'minutes': state.get('minutes'), 'mean': mean, 'classes': classes,
-           'intervals': {k: v for k, v in rep['intervals'].items() if mean.get(k) is not None}}
-    if 'location_breakdown' in rep:
-        out['location_breakdown'] = rep['location_breakdown']
+    out = {'work': str(work), 'minutes': state.get('minutes'),
+           **figures(pipe, evaluate(pipe, root, progress=progress, llm=not maps_only), root)}
     if maps_only:
         out.update(vision_step=int(state['step']), minutes={'vision': float(state.get('seconds', 0.0)) / 60})
     return out
@@ -111,20 +101,28 @@ def measure(work: Path, root: Path, config: str = 'small', progress: bool = True
 def measure_bundle(bundle: Path, root: Path, progress: bool = True, maps_only: bool = False) -> dict:
     """``measure``'s figures of an exported bundle, through the runtime."""
     from ..runtime.pipeline import Pipeline
-    from .evaluate import discover, evaluate
-    from .metrics import map_half_accuracy, mean_or_none
+    from .evaluate import evaluate
     with Pipeline.from_bundle(bundle, llm=not maps_only, verify_hashes=True) as pipeline:
         pipe = ScoreRecorder(pipeline)
         rep = evaluate(pipe, root, progress=progress, llm=not maps_only)
+    if maps_only:   # without its LLM the runtime answers by the bundle's calibrated thresholds: not measured here
+        for c in rep['classes'].values():
+            c['yes_no_accuracy'] = None
+    return {'bundle': str(bundle), 'minutes': None, **figures(pipe, rep, root)}
+
+
+def figures(pipe: ScoreRecorder, rep: dict, root: Path) -> dict:
+    """Per class and mean figures (``KEYS``) of ``evaluate``'s report ``rep`` on ``root``, with the map >= 0.5
+    accuracy from the scores ``pipe`` recorded, the intervals of the means and the location breakdown."""
+    from .evaluate import discover
+    from .metrics import map_half_accuracy, mean_or_none
     classes = {}
     for name, samples in discover(root).items():
         verdict = map_half_accuracy([pipe.scores[str(s.path)] for s in samples], [s.anomalous for s in samples])
         classes[name] = {**{k: rep['classes'][name].get(k) for k in KEYS}, 'map_half_accuracy': verdict}
-        if maps_only:   # without its LLM the runtime answers by the bundle's calibrated thresholds: not measured here
-            classes[name]['yes_no_accuracy'] = None
-    out = {'bundle': str(bundle), 'minutes': None, 'classes': classes,
-           'mean': {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}}
-    out['intervals'] = {k: v for k, v in rep['intervals'].items() if out['mean'].get(k) is not None}
+    mean = {k: mean_or_none(c[k] for c in classes.values()) for k in KEYS}
+    out = {'mean': mean, 'classes': classes,
+           'intervals': {k: v for k, v in rep['intervals'].items() if mean.get(k) is not None}}
     if 'location_breakdown' in rep:
         out['location_breakdown'] = rep['location_breakdown']
     return out

@@ -38,7 +38,7 @@ def label_as_map(labels: torch.Tensor, grid: int) -> torch.Tensor:
     b, _, h, w = labels.shape
 
     def axis(size: int) -> torch.Tensor:   # each map pixel -> the image place it shows, in grid_sample's [-1, 1]
-        return torch.tensor([map_to_image(v, size, grid) for v in range(size)]) * 2 / (size - 1) - 1
+        return map_to_image(torch.arange(size, dtype=torch.float64), size, grid) * 2 / (size - 1) - 1
     gy, gx = torch.meshgrid(axis(h), axis(w), indexing='ij')
     where = torch.stack([gx, gy], -1).to(labels.dtype)[None].expand(b, -1, -1, -1)
     return F.grid_sample(labels, where, mode='bilinear', padding_mode='border', align_corners=True)
