@@ -392,8 +392,16 @@ def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
         dataset.set_epoch(epoch)
         g = torch.Generator().manual_seed(seed + epoch)
         yield from DataLoader(dataset, batch_size=pairs, shuffle=True, generator=g, drop_last=True,
-                              collate_fn=collate_pairs, num_workers=workers)
+                              collate_fn=collate_pairs, num_workers=workers, worker_init_fn=_background_worker)
         epoch += 1
+
+
+def _background_worker(_worker_id: int) -> None:
+    """Run the loader's worker at the lowest priority, so it simulates batches when the step's threads wait
+    rather than taking their cores mid-step (a stage-1 step with the loader beside it, 2 threads on an Intel Xeon
+    with 2 vCPUs: 397-403 ms against 419-426 ms). The batches are the same."""
+    if hasattr(os, 'nice'):
+        os.nice(19)
 
 
 def optimizer_step(loss: torch.Tensor, params, opt) -> torch.Tensor:

@@ -416,3 +416,29 @@ def test_label_maps_hand_stage_2_its_labels_where_the_map_shows_them(tmp_path, m
     drawn.clear()
     assert main(args(tmp_path / 'w0', 1, 2)) == 0
     assert drawn == []                                              # off by default: the vision stage's maps
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Items that carry the scheduling priority of the process that made them."""
+
+    def __len__(self):
+        return 4
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, index):
+        import os
+        return {'images': torch.full((2, 1), float(os.nice(0))), 'masks': torch.zeros(2, 1), 'questions': ['', ''],
+                'answers': ['', ''], 'category': 'c', 'positions': []}
+
+
+@pytest.mark.skipif(not hasattr(__import__('os'), 'nice'), reason='no process priorities on this platform')
+def test_the_loader_worker_simulates_at_a_lower_priority_than_the_training_step():
+    import os
+
+    from anomalygpt_edge.models.train import _batches
+    before = os.nice(0)
+    batch = next(_batches(_Niceness(), 4, seed=0, workers=1))
+    assert batch['images'].min().item() == 19   # made by the worker, at the lowest priority
+    assert os.nice(0) == before                 # the training process keeps its own
