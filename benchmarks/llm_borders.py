@@ -14,8 +14,6 @@ position at all (an LLM may answer "No" to a hot spot on a normal image).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -149,6 +147,7 @@ def main(argv=None) -> int:
             print(f"llm_borders: {item!r}: expected NAME=WORK with WORK/final.pt", file=sys.stderr)
             return 2
         runs[name] = Path(work)
+    from ..runtime.engines import write_json_atomic
     results = {}
     for name, work in runs.items():
         answer, bases, grid = reference_reader(work, args.config, args.per_class, args.seed)
@@ -156,9 +155,7 @@ def main(argv=None) -> int:
         print(f"{name}: mean abs offset {results[name]['mean_abs_offset']} px", file=sys.stderr)
     report = {'images_per_class': args.per_class, 'seed': args.seed, 'span_px': SPAN, 'radius_px': RADIUS,
               'runs': results, 'table': markdown(results)}
-    tmp = Path(args.json).with_name(Path(args.json).name + '.partial')
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, args.json)
+    write_json_atomic(args.json, report)
     print(report['table'])
     return 0
 

@@ -1,4 +1,6 @@
 """The demo training recipe runs, checkpoints atomically and resumes where it stopped (tiny config)."""
+import os
+
 import pytest
 import torch
 
@@ -428,15 +430,12 @@ class _Niceness(torch.utils.data.Dataset):
         pass
 
     def __getitem__(self, index):
-        import os
         return {'images': torch.full((2, 1), float(os.nice(0))), 'masks': torch.zeros(2, 1), 'questions': ['', ''],
                 'answers': ['', ''], 'category': 'c', 'positions': []}
 
 
-@pytest.mark.skipif(not hasattr(__import__('os'), 'nice'), reason='no process priorities on this platform')
+@pytest.mark.skipif(not hasattr(os, 'nice'), reason='no process priorities on this platform')
 def test_the_loader_worker_simulates_at_a_lower_priority_than_the_training_step():
-    import os
-
     from anomalygpt_edge.models.train import _batches
     before = os.nice(0)
     batch = next(_batches(_Niceness(), 4, seed=0, workers=1))
