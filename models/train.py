@@ -407,8 +407,7 @@ def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
 
 def _background_worker(_worker_id: int) -> None:
     """Run the loader's worker at the lowest priority, so it simulates batches when the step's threads wait
-    rather than taking their cores mid-step (a stage-1 step with the loader beside it, 2 threads on an Intel Xeon
-    with 2 vCPUs: 397-403 ms against 419-426 ms). The batches are the same."""
+    rather than taking their cores mid-step (on 2 cores the two compete). The batches are the same."""
     if hasattr(os, 'nice'):
         os.nice(19)
 
