@@ -26,6 +26,7 @@ TINY_VOCAB = 400                 # export tiny's tokenizer size (export/tiny.py)
 
 class ReferenceSetupError(ValueError):
     """The reference cannot be rebuilt for this bundle (the message names the file)."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def _read_checkpoint(path: Path) -> dict:

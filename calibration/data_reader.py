@@ -21,6 +21,7 @@ IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 class CalibrationError(ValueError):
     """Calibration that cannot run or whose result is refused; the message names the file or folder."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def list_images(folder, recursive: bool = False) -> list[Path]:

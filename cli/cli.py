@@ -6,8 +6,11 @@ and ``run(args) -> int``; it is imported only when chosen, so ``inspect`` never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 from . import __version__
 
@@ -33,9 +36,20 @@ OPTIONAL = {'torch', 'transformers', 'peft', 'onnx', 'onnxscript', 'sentencepiec
 EXIT_CODES = """exit codes:
   0  success
   1  the command ran but a check failed (e.g. compare out of tolerance)
-  2  bad usage or bad input (missing file, corrupt image, invalid bundle)
+  2  bad usage or bad input (missing file, corrupt image, invalid bundle, a file that cannot be written)
   3  a required optional dependency is missing (e.g. torch for export)
+  130  interrupted (SIGINT/SIGTERM); nothing half-written is left at the output
 """
+
+# how to get an optional package, by its import name; the rest are the training side's
+INSTALL_HINTS = {
+    'tensorrt': "TensorRT's Python bindings: on a Jetson they come with JetPack (docs/tensorrt.md)",
+    'pycuda': "pycuda: on a Jetson build it against JetPack's CUDA (docs/tensorrt.md)",
+    'fastapi': "pip install 'anomalygpt-edge[serve]'",
+    'uvicorn': "pip install 'anomalygpt-edge[serve]'",
+    'multipart': "pip install 'anomalygpt-edge[serve]'",
+}
+TRAINING_HINT = "training-side commands need: pip install torch==2.13.0 'anomalygpt-edge[export]'"
 
 
 def _parser(available: dict) -> argparse.ArgumentParser:
@@ -68,10 +82,48 @@ def main(argv=None) -> int:
         module.add_arguments(parser)
         rest = argv[:]
         rest.remove(command)
-        return int(module.run(parser.parse_args(rest)) or 0)
+        args = parser.parse_args(rest)
+        with _sigterm_interrupts():
+            return int(module.run(args) or 0)
     except ModuleNotFoundError as e:
-        if (e.name or '').split('.')[0] not in OPTIONAL:
+        package = (e.name or '').split('.')[0]
+        if package not in OPTIONAL:
             raise
         print(f"anomalygpt-edge {command}: needs the package {e.name!r}, which is not installed "
-              f"(training-side commands need: pip install torch==2.13.0 'anomalygpt-edge[export]')", file=sys.stderr)
+              f"({INSTALL_HINTS.get(package, TRAINING_HINT)})", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"anomalygpt-edge {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"anomalygpt-edge {command}: {e}", file=sys.stderr)
+        return code
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of an error that is the user's input or environment, not a bug: the project's own error
+    classes say theirs (``exit_code``); a file that cannot be read or written is bad input (2). None: a bug,
+    whose traceback is shown."""
+    code = getattr(error, 'exit_code', None)
+    if isinstance(code, int):
+        return code
+    return 2 if isinstance(error, OSError) else None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM interrupts as Ctrl-C does, so every ``with`` block cleans up (a partial bundle is removed); a command
+    that stops cleanly on it (watch) installs its own handler. Only the main thread can set one."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

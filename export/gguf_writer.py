@@ -23,6 +23,7 @@ FTYPES = ('f32', 'f16')
 
 class GGUFExportError(ValueError):
     """A model or tokenizer that cannot be written as GGUF; the message names the file or tensor."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:

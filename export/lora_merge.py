@@ -20,6 +20,7 @@ _LORA_KEY = re.compile(r'^(?:llama_model\.)?(?:base_model\.model\.)?(?P<base>.+)
 
 class LoraError(ValueError):
     """A LoRA adapter that does not fit its base model; the message names the tensor."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

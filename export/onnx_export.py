@@ -41,6 +41,7 @@ class ExportError(RuntimeError):
 
 class ExportVerificationError(ExportError):
     """An exported graph whose ONNX Runtime outputs are outside the component's tolerance."""
+    exit_code = 1  # a check failed (cli.exit_code)
 
 
 @contextlib.contextmanager

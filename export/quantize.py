@@ -16,6 +16,7 @@ QUANT_TYPES = {'f32': 0, 'f16': 1, 'q4_0': 2, 'q8_0': 7, 'q4_k_s': 14, 'q4_k_m':
 
 class QuantizeError(ValueError):
     """An unknown quantization type or a failed quantization; the message names the file."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def ftype_of(name: str) -> int:

@@ -23,6 +23,7 @@ LORA_KEY = re.compile(r'^(?P<head>.*\.lora_[AB])(?:\.default)?\.weight$')
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be used, with the file and the problem named."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ MANIFEST = 'manifest.json'
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and the problem."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -24,6 +24,7 @@ KV_TYPES = {'f32': 0, 'f16': 1, 'q8_0': 8, 'q4_0': 2}
 
 class LlamaError(RuntimeError):
     """A GGUF file that cannot be loaded, or a llama.cpp call that failed; the message says which."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 class LlamaSession:

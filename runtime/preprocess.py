@@ -20,6 +20,7 @@ MAX_PIXELS = 100_000_000  # 100 MP: a line camera's frame is far smaller; a deco
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the problem."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ _ORT_DTYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16, 'tens
 
 class RunnerError(ValueError):
     """A graph that cannot be loaded or inputs that do not fit it; the message names the file."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 @runtime_checkable

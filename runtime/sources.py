@@ -32,6 +32,7 @@ JETSON_CSI_PIPELINE = (
 
 class SourceError(RuntimeError):
     """A source that cannot be opened or read; the message names the source."""
+    exit_code = 2  # bad input (cli.exit_code)
 
 
 class Source:
