@@ -105,6 +105,14 @@ class BuildItem:
     fp32_layers: bool          # pin LayerNorm/Softmax/Sigmoid/reductions to FP32 (weakly typed FP16)
 
 
+def tensorrt_variants(variants: dict) -> dict:
+    """The component's graphs TensorRT builds from: not an INT8 graph made for ONNX Runtime (``calibrate int8
+    --target onnxruntime``: dynamic quantization, or INT8 weights behind DequantizeLinear), which it cannot take."""
+    def for_tensorrt(entry):
+        return ((entry.get('quantization') or {}).get('calibration') or {}).get('target', 'tensorrt') == 'tensorrt'
+    return {k: v for k, v in variants.items() if k != 'int8' or for_tensorrt(v)}
+
+
 def build_plan(manifest: dict, precision: str, trt_version: str, components=COMPONENTS) -> list[BuildItem]:
     """Which ONNX each engine is built from, and how, for this TensorRT version.
 
@@ -118,7 +126,7 @@ def build_plan(manifest: dict, precision: str, trt_version: str, components=COMP
     comps = manifest.get('components', {})
     plan = []
     for name in components:
-        variants = comps.get(name)
+        variants = tensorrt_variants(comps.get(name) or {})
         if not variants:
             continue
         want = {'fp32': ['fp32'], 'fp16': ['fp16'], 'int8': ['int8', 'fp16'], 'best': ['int8', 'fp16']}[precision]

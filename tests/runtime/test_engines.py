@@ -101,6 +101,12 @@ def test_build_plan_per_tensorrt_version(tmp_path):
     p11 = {i.component: i for i in E.build_plan(m, 'int8', '11.0.0')}
     assert all(i.strongly_typed and not i.flags for i in p11.values())
     assert p11['encoder'].onnx == 'encoder-int8.onnx' and p11['decoder'].onnx == 'decoder-fp16.onnx'
+    # an INT8 graph made for ONNX Runtime (here the prompt learner's dynamic one) is not built: its FP16 graph is
+    m['components']['prompt_learner']['int8'] = {
+        'file': 'prompt_learner-int8.onnx', 'inputs': COMPONENTS['prompt_learner'],
+        'quantization': {'calibration': {'method': 'dynamic', 'target': 'onnxruntime'}}}
+    assert {i.component: i.onnx for i in E.build_plan(m, 'int8', '10.3.0')}['prompt_learner'] == \
+        'prompt_learner-fp16.onnx'
 
 
 def test_matching_engines_are_found(tmp_path):
