@@ -47,7 +47,7 @@ demo: install-runtime
 demo-model: install
 	$(PY) -m anomalygpt_edge.models.train --work .demo-work --bundle $(DEMO)/bundle
 	$(PY) -m anomalygpt_edge.benchmarks.demo_report --bundle $(DEMO)/bundle --work .demo-work --out $(DEMO) \
-	  --samples $(DEMO)/samples
+	  --samples $(DEMO)/samples --keep-history
 
 clean:
 	rm -rf $(VENV) $(RUNTIME_VENV) build *.egg-info demo-out

@@ -21,6 +21,7 @@ from pathlib import Path
 
 HELD_OUT_SEED = 1000
 DEFECTS = ('scratch', 'stain', 'hole')
+SAMPLE_KINDS = DEFECTS[:2]   # the defect kinds of the demo samples
 # What the demo model is meant to reach on the held-out set (zero-shot); the model card names any it misses.
 TARGETS = {'image_auroc': ('image AUROC', 0.97), 'pixel_auroc': ('pixel AUROC', 0.95),
            'yes_no_accuracy': ('Yes/No accuracy', 0.90), 'location_accuracy': ('location accuracy', 0.80)}
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
                          'one table each, e.g. a --maps-only comparison of vision stages and one of whole recipes)')
     ap.add_argument('--history', help='a markdown file: how this particular model was trained (resumes, machine '
                                       'load), for the card')
+    ap.add_argument('--keep-history', action='store_true',
+                    help="carry OUT/results.json's history and ablation tables over to the new figures (a retrain, "
+                         "`make demo-model`), unless --history or --ablation give new ones")
     ap.add_argument('--from-results', action='store_true',
                     help="measure nothing: re-render the card from OUT/results.json, the bundle's figures as they "
                          'were measured, with these --ablation tables and --history (for a recipe measured after the '
@@ -75,7 +79,9 @@ def main(argv=None) -> int:
             print(f"demo_report: {out / 'results.json'}: {e}", file=sys.stderr)
             return 2
     else:
+        previous = _previous_results(out) if args.keep_history else {}
         results = measure_bundle(args)
+        results.update({k: previous[k] for k in ('history', 'ablation') if k in previous})
     if args.ablation:
         results['ablation'] = []
         for path in args.ablation:
@@ -88,6 +94,15 @@ def main(argv=None) -> int:
     _atomic_write(out / 'results.json', json.dumps(results, indent=1))
     _atomic_write(out / 'MODEL_CARD.md', model_card(results, json.loads((Path(args.bundle) / 'manifest.json').read_text())))
     return 0
+
+
+def _previous_results(out: Path) -> dict:
+    try:
+        return json.loads((out / 'results.json').read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise SystemExit(f"demo_report: {out / 'results.json'}: not JSON ({e}); its history cannot be kept") from None
 
 
 def measure_bundle(args) -> dict:
@@ -145,7 +160,7 @@ def write_samples(pipe, root: Path, dst: Path, categories) -> dict:
         def clearest(kind):  # the defect of this kind the map shows best: samples show the working path
             paths = sorted((root / cat / 'test' / kind).glob('*.png'))
             return max(paths, key=lambda p: pipe.inspect(p, class_name=cls, llm=False).score)
-        picks = [('good', root / cat / 'test' / 'good' / '000.png')] + [(k, clearest(k)) for k in DEFECTS[:2]]
+        picks = [('good', root / cat / 'test' / 'good' / '000.png')] + [(k, clearest(k)) for k in SAMPLE_KINDS]
         for kind, src in picks:
             name = f'{cat}-{kind}.png'
             shutil.copy(src, dst / name)
@@ -303,8 +318,9 @@ def model_card(results: dict, manifest: dict) -> str:
         *([f"| zero-shot, Yes where the map reaches 0.5 (no LLM) | | | "
            f"{_fmt(results['map_half']['mean']['yes_no_accuracy'])} | |"] if 'map_half' in results else []),
         '',
-        'The sample images in `samples/` are held-out images: per class the first normal one and, of each',
-        'defect kind, the one the map shows best; `samples/expected.json` records what the bundle answers.',
+        'The sample images in `samples/` are held-out images: per class the first normal one and, of the',
+        f"kinds {' and '.join(SAMPLE_KINDS)}, the one the map shows best; `samples/expected.json` records what the "
+        'bundle answers.',
         '',
         'Per class, zero-shot:',
         '',
@@ -332,7 +348,8 @@ def model_card(results: dict, manifest: dict) -> str:
     lines += ['## Known problems', *known_problems(results, agree, manifest), '']
     lines += ['## Limits',
               '- Trained for minutes on 2 CPU cores: the targets of a real deployment are not met; the figures',
-              '  above are what it does. `make demo-model` retrains it (longer with `--vision-steps`).',
+              '  above are what it does. `make demo-model` retrains it; `python -m anomalygpt_edge.models.train',
+              '  --help` lists the recipe\'s settings (e.g. `--vision-steps`).',
               '- Knows only the five procedural classes; on real photographs its answers mean nothing.',
               '- The released AnomalyGPT weights cannot be shipped (non-commercial licences, 20 GB); export your',
               '  own copy with `anomalygpt-edge export released`.', '']

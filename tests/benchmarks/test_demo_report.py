@@ -36,6 +36,19 @@ def test_a_new_history_reaches_the_card_and_the_results(out):
     assert stored['0_shot'] == json.loads((DEMO / 'results.json').read_text())['0_shot']   # nothing re-measured
 
 
+def test_a_retrain_keeps_the_cards_history_and_tables(out, monkeypatch):
+    stored = json.loads((out / 'results.json').read_text())
+    assert stored['history'] and stored['ablation']
+    fresh = {k: v for k, v in stored.items() if k not in ('history', 'ablation')}
+    fresh['0_shot'] = dict(fresh['0_shot'], n_images=1)   # stands for the new model's figures
+    monkeypatch.setattr(demo_report, 'measure_bundle', lambda args: json.loads(json.dumps(fresh)))
+    assert demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--keep-history']) == 0
+    kept = json.loads((out / 'results.json').read_text())
+    assert kept['history'] == stored['history'] and kept['ablation'] == stored['ablation']
+    assert kept['0_shot']['n_images'] == 1
+    assert '## History' in (out / 'MODEL_CARD.md').read_text()
+
+
 def test_from_results_takes_no_checkpoint(out, capsys):
     with pytest.raises(SystemExit) as e:
         demo_report.main(['--bundle', str(DEMO / 'bundle'), '--out', str(out), '--from-results', '--work', str(out)])
