@@ -28,6 +28,7 @@ setup(
         'onnxruntime>=1.18',
         'llama-cpp-python==0.3.36',  # the low-level API (llama_batch with embeddings) is tested against this version
         'gguf>=0.17',                # reads the GGUF's token-embedding rows: the prompt goes to llama.cpp as one batch
+        'simplejpeg>=1.7',           # strict JPEG decoding: a JPEG damaged mid-stream is refused, not half-decoded
     ],
     extras_require={
         # training side; install torch first with `pip install torch==2.13.0` (CPU) and open_clip_torch

@@ -1,7 +1,8 @@
 """Image decoding and preprocessing with OpenCV (no torch, no Pillow).
 
 Decodes any common image (8/16-bit, gray, RGBA, BGR order handled), refuses what is not a whole
-image with an error that names the file, and reproduces the reference's two resize modes:
+image with an error that names the file (a JPEG goes through libjpeg-turbo strictly, with simplejpeg: OpenCV
+decodes a JPEG whose data is damaged mid-stream, grey or garbled past the damage, with only a warning), and reproduces the reference's two resize modes:
 ``squash`` (Resize((224,224)), training and web demo; the default) and ``center_crop`` (shorter
 side to 224 then centre crop; test scripts and few-shot references).
 """
@@ -48,6 +49,18 @@ def _truncated(data: bytes) -> str | None:
     return None
 
 
+def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
+    """RGB from a JPEG, or ImageError if its data is damaged; None for what libjpeg-turbo's simple API does
+    not convert (a CMYK JPEG), which OpenCV then decodes."""
+    import simplejpeg
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace='rgb', strict=True)
+    except ValueError as e:
+        if 'nsupported' in str(e):
+            return None
+        raise ImageError(f"{name}: damaged JPEG ({e})") from None
+
+
 def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     """Encoded bytes -> RGB uint8 [H,W,3]."""
     if not data:
@@ -59,6 +72,10 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     if declared and declared[0] * declared[1] > MAX_PIXELS:
         raise ImageError(f"{name}: declares {declared[0]}x{declared[1]} pixels, over the {MAX_PIXELS // 10**6} MP "
                          "limit (refused before decoding)")
+    if data[:3] == b'\xff\xd8\xff':
+        img = _decode_jpeg(data, name)
+        if img is not None:
+            return _checked_size(img, name)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{name}: not a decodable image (corrupt, or not an image format OpenCV reads)")
@@ -72,6 +89,10 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped, as PIL's convert('RGB')
     else:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return _checked_size(img, name)
+
+
+def _checked_size(img: np.ndarray, name: str) -> np.ndarray:
     h, w = img.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ImageError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")

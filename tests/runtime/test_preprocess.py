@@ -31,6 +31,18 @@ def test_channel_order_and_formats(tmp_path):
     np.testing.assert_array_equal(deep, rgb)
     jpg = load_image(write(tmp_path / 'a.jpg', bgr))
     assert np.abs(jpg.astype(int) - rgb).mean() < 4
+    # libjpeg-turbo through simplejpeg decodes what OpenCV decodes, pixel for pixel; grey JPEGs come out RGB
+    np.testing.assert_array_equal(jpg, cv2.imread(str(tmp_path / 'a.jpg'))[..., ::-1])
+    grey = load_image(write(tmp_path / 'g.jpg', rgb[..., 0]))
+    np.testing.assert_array_equal(grey, cv2.cvtColor(cv2.imread(str(tmp_path / 'g.jpg'), 0), cv2.COLOR_GRAY2RGB))
+
+
+def damaged_mid_stream(img) -> bytes:
+    """A JPEG with zeros over part of its entropy-coded data: whole in length, end marker in place."""
+    data = bytearray(cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    n = len(data)
+    data[n // 2:n // 2 + n // 8] = bytes(n // 8)
+    return bytes(data)
 
 
 @pytest.mark.parametrize('make,message', [
@@ -38,6 +50,8 @@ def test_channel_order_and_formats(tmp_path):
     (lambda p: p.write_text('not an image at all'), 'not a decodable image'),
     (lambda p: p.write_bytes(cv2.imencode('.png', gradient())[1].tobytes()[:300]), 'truncated PNG'),
     (lambda p: p.write_bytes(cv2.imencode('.jpg', gradient())[1].tobytes()[:400]), 'truncated JPEG'),
+    (lambda p: p.write_bytes(damaged_mid_stream(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8))),
+     'damaged JPEG'),
     (lambda p: p.write_bytes(cv2.imencode('.png', np.zeros((1, 1, 3), np.uint8))[1].tobytes()), '1x1 pixels'),
 ])
 def test_bad_files_name_the_file(tmp_path, make, message):
