@@ -2,7 +2,7 @@
 
 A bundle is a directory with ``manifest.json`` (see ``docs/bundle.md``) and the files it lists.
 This module is torch-free; it checks the format version, that every listed file is present with
-its recorded size, and (on request, or when the bundle looks copied) every sha256.
+its recorded size, and, on request only (``verify_hashes=True``, ``--verify``), every sha256.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class Bundle:
     def open(cls, root, verify_hashes: bool = False) -> "Bundle":
         root = Path(root)
         mpath = root / MANIFEST
+        if root.is_file():
+            raise BundleError(f"{root}: a file, not a bundle directory (give the directory that holds {MANIFEST})")
         if not root.is_dir():
             raise BundleError(f"{root}: not a bundle directory (no such directory)")
         if not mpath.is_file():

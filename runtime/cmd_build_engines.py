@@ -94,6 +94,10 @@ def run(args) -> int:
     except ValueError:
         return fail(f"--shots must be three integers MIN,OPT,MAX, not {args.shots!r}")
     try:
+        bundle = Bundle.open(args.bundle)
+    except BundleError as e:
+        return fail(e)
+    try:
         import pycuda.driver  # noqa: F401
         import tensorrt  # noqa: F401
     except ImportError as e:
@@ -101,7 +105,6 @@ def run(args) -> int:
                     "see docs/tensorrt.md)", 3)
     from .engines import device_info
     try:
-        bundle = Bundle.open(args.bundle)
         build_engines(bundle, args.precision, device_info(args.device), args.workspace, args.max_batch,
                       args.opt_batch, shots, args.components, args.force)
     except (BundleError, RunnerError, ValueError, OSError) as e:

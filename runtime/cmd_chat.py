@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .cli_options import positive_int
+
 
 def add_arguments(p) -> None:
     p.add_argument('image', help='the image to talk about')
@@ -13,8 +15,8 @@ def add_arguments(p) -> None:
     who.add_argument('--describe', help='your own description sentence of a good product')
     p.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='normal images for few-shot mode')
     p.add_argument('--quant', help="GGUF type to load (default: the bundle's default)")
-    p.add_argument('--threads', type=int, help='CPU threads')
-    p.add_argument('--n-ctx', type=int, default=2048,
+    p.add_argument('--threads', type=positive_int, help='CPU threads')
+    p.add_argument('--n-ctx', type=positive_int, default=2048,
                    help='LLM context in positions: the whole conversation must fit (default: %(default)s)')
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, open_pipeline
+from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, map_level, open_pipeline
 
 
 def add_arguments(p) -> None:
@@ -21,16 +21,21 @@ def add_arguments(p) -> None:
     p.add_argument('--json', action='store_true', help='one JSON object per image on stdout')
     p.add_argument('--save-maps', metavar='DIR', help='write heatmap overlays <image>-map.png here')
     add_backend_arguments(p)
-    p.add_argument('--threshold', type=float, default=0.5, help='map level for the location regions (default: %(default)s)')
+    p.add_argument('--threshold', type=map_level, default=0.5,
+                   help='map level for the location regions, in (0, 1] (default: %(default)s)')
 
 
 def run(args) -> int:
     from .bundle import BundleError
+    from .llama_session import LlamaError
     from .preprocess import ImageError
 
     def fail(msg):
         print(f"anomalygpt-edge inspect: {msg}", file=sys.stderr)
 
+    if args.save_memory and not args.reference:
+        fail("--save-memory needs --reference (the normal images the memory is built from)")
+        return 2
     try:
         pipe = open_pipeline(args)
     except (BundleError, OSError) as e:
@@ -39,10 +44,11 @@ def run(args) -> int:
     status = 0
     with pipe:
         try:
-            memory = few_shot_memory(pipe, args, save_to=args.save_memory)
+            memory = few_shot_memory(pipe, args, save_to=args.save_memory, warn=lambda m: fail(f"warning: {m}"))
         except (ImageError, BundleError, KeyError, ValueError) as e:
             fail(e.args[0] if isinstance(e, KeyError) else e)
             return 2
+        map_names: set[str] = set()
         for image in args.images:
             try:
                 res = pipe.inspect(image, class_name=args.class_name, describe=args.describe, question=args.question,
@@ -52,12 +58,10 @@ def run(args) -> int:
                 fail(e)
                 status = 2
                 continue
-            if args.save_maps:
-                from .overlay import overlay, write_png
-                from .preprocess import load_image
-                out = Path(args.save_maps) / f"{Path(image).stem}-map.png"
-                write_png(out, overlay(load_image(image), res.anomaly_map, grid=res.token_grid,
-                                       regions=res.regions))
+            except LlamaError as e:
+                fail(f"{image}: {e}")
+                status = 2
+                continue
             if args.json:
                 print(json.dumps(res.to_dict()), flush=True)
             else:
@@ -66,7 +70,35 @@ def run(args) -> int:
                       f"({res.timings_ms['total']:.0f} ms)")
                 if res.answer is not None:
                     print(f"  {res.answer}")
+            if args.save_maps:
+                out = Path(args.save_maps) / map_name(image, map_names)
+                try:
+                    save_map(out, image, res)
+                except FileExistsError as e:  # from making the folder: a file has its name
+                    fail(f"{out}: map not written ({e.filename} is a file, not a folder)")
+                    status = 2
+                except OSError as e:
+                    why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e.strerror or e
+                    fail(f"{out}: map not written ({why})")
+                    status = 2
     return status
+
+
+def map_name(image, taken: set) -> str:
+    """<stem>-map.png, or <stem>-2-map.png ... when an image of the same name (another folder) has it this run."""
+    stem = Path(image).stem
+    name, n = f"{stem}-map.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}-map.png"
+    taken.add(name)
+    return name
+
+
+def save_map(out: Path, image, res) -> None:
+    from .overlay import overlay, write_png
+    from .preprocess import load_image
+    write_png(out, overlay(load_image(image), res.anomaly_map, grid=res.token_grid, regions=res.regions))
 
 
 def verdict_text(res) -> str:

@@ -14,14 +14,13 @@ Needs the [serve] extra: pip install 'anomalygpt-edge[serve]'.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .cli_options import add_backend_arguments
+from .cli_options import add_backend_arguments, add_bundle_argument
 
 
 def add_arguments(p) -> None:
-    p.add_argument('--bundle', help='bundle directory (from `anomalygpt-edge export`)')
+    add_bundle_argument(p)
     p.add_argument('--host', default='127.0.0.1', help='address to bind (default: %(default)s, this machine only)')
     p.add_argument('--port', type=int, default=8080, help='port (default: %(default)s)')
     p.add_argument('--max-upload-mb', type=float, default=20.0, help='largest request body (default: %(default)s MB)')
@@ -30,7 +29,6 @@ def add_arguments(p) -> None:
     p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
     add_backend_arguments(p)
     p.add_argument('--log-level', default='info', choices=('critical', 'error', 'warning', 'info', 'debug'))
-    p.add_argument('--fake-pipeline', type=float, metavar='SECONDS', help=argparse.SUPPRESS)  # test/dry-run hook
 
 
 def run(args) -> int:
@@ -42,8 +40,6 @@ def run(args) -> int:
         print(f"anomalygpt-edge serve: {msg}", file=sys.stderr)
         return 2
 
-    if args.bundle is None and args.fake_pipeline is None:
-        return fail("--bundle is required")
     if not 0 < args.port < 65536:
         return fail(f"--port {args.port}: not a TCP port")
     try:  # before loading a bundle

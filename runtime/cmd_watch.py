@@ -22,27 +22,28 @@ A live source that fails or disconnects is reopened with exponential backoff.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import sys
 
-from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, open_pipeline
+from .cli_options import (add_backend_arguments, add_bundle_argument, add_question_arguments, few_shot_memory,
+                          map_level, open_pipeline)
 
 
 def add_arguments(p) -> None:
     p.add_argument('--source', required=True, metavar='SRC', help='camera index, video file, stream URL, image '
                    'folder or GStreamer pipeline (see above)')
-    p.add_argument('--bundle', help='bundle directory (from `anomalygpt-edge export`)')
+    add_bundle_argument(p)
     add_question_arguments(p)
     trig = p.add_mutually_exclusive_group()
     trig.add_argument('--every', type=int, default=1, metavar='N', help='inspect every Nth frame (default: %(default)s)')
     trig.add_argument('--on-signal', action='store_true', help='inspect the next frame after each SIGUSR1 only')
     p.add_argument('--out', metavar='FILE', help='append the JSON lines to FILE (flushed per line) instead of stdout')
     p.add_argument('--save-maps', metavar='DIR', help='write heatmap overlays of anomalous frames here')
-    p.add_argument('--threshold', type=float, default=0.5,
-                   help='map level for location regions, and for "anomalous" with --no-llm (default: %(default)s)')
+    p.add_argument('--threshold', type=map_level, default=0.5,
+                   help='map level for location regions, and for "anomalous" with --no-llm, in (0, 1] '
+                        '(default: %(default)s)')
     p.add_argument('--queue-size', type=int, default=2, help='frames waiting for inspection (default: %(default)s)')
     p.add_argument('--overflow', choices=('auto', 'drop-oldest', 'wait'), default='auto',
                    help='when the queue is full: drop the oldest frame, or make the reader wait '
@@ -56,8 +57,6 @@ def add_arguments(p) -> None:
     p.add_argument('--max-retries', type=int, default=0, metavar='N',
                    help='give up after N failed attempts in a row; 0 retries forever (default: %(default)s)')
     add_backend_arguments(p)
-    # test/dry-run hook: a bundle-free stand-in whose inspect takes this many seconds
-    p.add_argument('--fake-pipeline', type=float, metavar='SECONDS', help=argparse.SUPPRESS)
 
 
 class JsonLines:
@@ -113,8 +112,6 @@ def run(args) -> int:
         print(f"anomalygpt-edge watch: {msg}", file=sys.stderr)
         return 2
 
-    if args.bundle is None and args.fake_pipeline is None:
-        return fail("--bundle is required")
     if args.every < 1 or args.queue_size < 1:
         return fail("--every and --queue-size must be at least 1")
     try:
@@ -127,7 +124,8 @@ def run(args) -> int:
         return fail(e)
     try:
         try:
-            memory = few_shot_memory(pipe, args)
+            memory = few_shot_memory(pipe, args, warn=lambda m: print(f"anomalygpt-edge watch: warning: {m}",
+                                                                      file=sys.stderr))
         except (ImageError, BundleError, KeyError, ValueError) as e:
             return fail(e.args[0] if isinstance(e, KeyError) else e)
         kwargs = dict(class_name=args.class_name, describe=args.describe, question=args.question, memory=memory,

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from .answers import region_words, regions
-from .pipeline import Result
+from .pipeline import Pipeline, Result
 from .preprocess import ImageError, decode_image, load_image
 
 LOCATION_WORDS = [['top left', 'top', 'top right'], ['left', 'center', 'right'],
@@ -50,10 +50,7 @@ class FakePipeline:
             raise ValueError("few-shot needs at least one normal reference image")
         return np.zeros((4, 256 * len(references), 8), np.float32)
 
-    @staticmethod
-    def load_memory(path):
-        with np.load(path) as z:
-            return z['memory'], str(z['class_name'])
+    load_memory = staticmethod(Pipeline.load_memory)
 
     def _rgb(self, image) -> tuple[np.ndarray, str]:
         if isinstance(image, (bytes, bytearray)):

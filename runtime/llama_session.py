@@ -27,6 +27,10 @@ class LlamaError(RuntimeError):
     exit_code = 2  # bad input (cli.exit_code)
 
 
+class ContextFullError(LlamaError):
+    """What was to be evaluated does not fit the context; nothing of it was evaluated."""
+
+
 class LlamaSession:
     def __init__(self, gguf_path, n_ctx: int = 2048, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
@@ -89,7 +93,7 @@ class LlamaSession:
         self._vocab = L.llama_model_get_vocab(self._model)
         self._mem = L.llama_get_memory(self._ctx)
         self.n_ctx = L.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+        self.n_batch = L.llama_n_batch(self._ctx)  # llama.cpp lowers it to n_ctx; a larger decode aborts the process
         self._n_embd = L.llama_model_n_embd(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._tok_batch = self._new_batch(0)
@@ -166,11 +170,17 @@ class LlamaSession:
         if rc != 0:
             self._L.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)  # leave nothing half-written
             if rc == 1:
-                raise LlamaError(f"context full: {self.n_past} positions used + {n} new > n_ctx {self.n_ctx} "
-                                 f"(open the session with a larger n_ctx, or truncate())")
+                raise ContextFullError(f"context full: no KV cache slot for {n} positions at n_past {self.n_past} "
+                                       f"(n_ctx {self.n_ctx})")
             raise LlamaError(f"llama_decode failed with code {rc} at n_past {self.n_past}")
         self.n_past += n
         self._has_logits = True
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise ContextFullError(f"context full: {self.n_past} positions used + {n} new > n_ctx {self.n_ctx} "
+                                   f"(a larger context: n_ctx= when opening the session or pipeline, --n-ctx on the "
+                                   f"command line)")
 
     def _flush(self) -> None:
         if self._pending is not None:
@@ -178,12 +188,14 @@ class LlamaSession:
             self.eval_tokens([token])
 
     def eval_tokens(self, ids: Sequence[int]) -> None:
-        """Append token ids at ``n_past`` (split into ``n_batch``-sized batches)."""
+        """Append token ids at ``n_past`` (split into ``n_batch``-sized batches); ``ContextFullError``, with none
+        of them evaluated, when they do not fit ``n_ctx``."""
         self._flush()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self._n_vocab]
         if bad:
             raise LlamaError(f"token ids out of range [0, {self._n_vocab}): {bad[:8]}")
+        self._check_room(len(ids))
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             for i, t in enumerate(chunk):
@@ -192,13 +204,14 @@ class LlamaSession:
             self.history.extend(chunk)
 
     def eval_embeddings(self, embeds) -> None:
-        """Append input embeddings ``[n, n_embd]`` (float32) at ``n_past``."""
+        """Append input embeddings ``[n, n_embd]`` (float32) at ``n_past``; ``ContextFullError`` as ``eval_tokens``."""
         self._flush()
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         if embeds.ndim == 1:
             embeds = embeds[None]
         if embeds.ndim != 2 or embeds.shape[1] != self._n_embd:
             raise LlamaError(f"embeddings must be [n, {self._n_embd}], got {list(embeds.shape)}")
+        self._check_room(len(embeds))
         for start in range(0, len(embeds), self.n_batch):
             chunk = embeds[start:start + self.n_batch]
             ctypes.memmove(self._emb_batch.embd, chunk.ctypes.data, chunk.nbytes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,10 @@ class Pipeline:
             from .tensorrt_runner import TrtRunner
             try:
                 device = device_info()
-            except ImportError as e:
-                raise BundleError(f"backend 'tensorrt' needs the {e.name} package (TensorRT's Python bindings and "
-                                  "pycuda; see docs/tensorrt.md), or use --backend onnxruntime") from None
+            except ModuleNotFoundError as e:  # the CLI's exit code 3 (a missing optional dependency) needs e.name
+                raise ModuleNotFoundError(f"backend 'tensorrt' needs the {e.name} package (TensorRT's Python bindings "
+                                          "and pycuda; see docs/tensorrt.md), or use backend 'onnxruntime'",
+                                          name=e.name) from None
             return TrtRunner(engine_for(self.bundle, name, precision, device), name=f'tensorrt:{name}')
         if backend != 'onnxruntime':
             raise BundleError(f"unknown backend {backend!r} (choose onnxruntime, tensorrt or auto)")
@@ -231,17 +233,28 @@ class Pipeline:
     @staticmethod
     def save_memory(path, memory: np.ndarray, class_name: str) -> None:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + '.partial.npz')
         np.savez(tmp, memory=memory, class_name=class_name)
         os.replace(tmp, path)
 
     @staticmethod
     def load_memory(path) -> tuple[np.ndarray, str]:
+        """-> (memory, its class) from a file ``save_memory`` wrote."""
+        not_memory = BundleError(f"{path}: not a saved few-shot memory (the .npz that --save-memory writes)")
         try:
-            with np.load(path) as z:
+            z = np.load(path)
+        except OSError as e:
+            raise BundleError(f"{path}: cannot be read ({e.strerror or e})") from None
+        except (ValueError, EOFError, zipfile.BadZipFile):
+            raise not_memory from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise not_memory
+        with z:
+            try:
                 return z['memory'], str(z['class_name'])
-        except (OSError, KeyError, ValueError) as e:
-            raise BundleError(f"{path}: not a saved few-shot memory ({e})") from None
+            except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+                raise not_memory from None
 
     def vision(self, x: np.ndarray, class_name: str, memory: np.ndarray | None = None, timings=None):
         """-> (image_token [B,1,D], anomaly map [B,1,224,224], prompts [B,18,D])."""

@@ -3,8 +3,9 @@
   POST /inspect   multipart: ``image`` (file); optional ``class``, ``describe``, ``question``,
                   ``reference`` (normal images, repeatable: few-shot), ``heatmap=true`` (the overlay
                   PNG as base64), ``verdict_first=true``. -> the result as JSON.
-                  413 body too large, 422 unusable image (message names it), 400 unknown class,
-                  503 too many requests waiting, 500 inspection failed (the service keeps serving).
+                  413 body too large, 422 unusable image (message names it) or a missing field, 400 unknown
+                  class, both class and describe, or a question too long for the LLM context, 503 too many
+                  requests waiting, 500 inspection failed (the service keeps serving).
   GET  /health    bundle, backends, versions, ok
   GET  /metrics   request counts by outcome, latency percentiles
 
@@ -125,7 +126,9 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.exception_handlers import request_validation_exception_handler
+    from fastapi.responses import JSONResponse
 
+    from .llama_session import ContextFullError
     from .preprocess import ImageError, decode_image
 
     metrics = Metrics()
@@ -141,6 +144,10 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc):
         metrics.count('invalid_request')
+        missing = [str(e['loc'][-1]) for e in exc.errors() if e.get('type') == 'missing' and e.get('loc')]
+        if missing:
+            return JSONResponse({'detail': f"missing field {', '.join(map(repr, missing))}: POST a multipart/form-data "
+                                           "body with the image file, e.g. curl -F image=@part.png"}, status_code=422)
         return await request_validation_exception_handler(request, exc)
 
     def fail(outcome: str, status: int, detail: str):
@@ -160,6 +167,8 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
                 question: str | None = Form(None), heatmap: bool = Form(False), verdict_first: bool = Form(False),
                 reference: list[UploadFile] | None = File(None, description='normal images (few-shot)')):
         t0 = time.perf_counter()
+        if class_name is not None and describe is not None:
+            fail('bad_request', 400, "give 'class' or 'describe', not both")
         rgb = decode(image, 'image')
         refs = [decode(r, 'reference') for r in reference] if reference else None
         try:
@@ -183,6 +192,8 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
                     fail('bad_image', 422, str(e))
                 except KeyError as e:
                     fail('bad_request', 400, e.args[0] if e.args else str(e))
+                except ContextFullError as e:
+                    fail('bad_request', 400, f"{e}; ask a shorter question")
                 except Exception as e:
                     fail('error', 500, f'inspection failed: {type(e).__name__}: {e}')
                 t2 = time.perf_counter()

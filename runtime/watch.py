@@ -192,8 +192,7 @@ class Watcher:
                     error = None
                 if frame is None and error is None and not src.live:
                     if not (self.loop and since_rewind):
-                        self._finish('end of source')
-                        return
+                        return  # the inspection loop says 'end of source' once it has inspected what is queued
                     try:
                         src.rewind()
                         since_rewind = 0

@@ -56,3 +56,9 @@ def test_not_a_bundle(tmp_path):
         Bundle.open(tmp_path)
     with pytest.raises(BundleError, match='no such directory'):
         Bundle.open(tmp_path / 'nope')
+
+
+def test_a_file_given_as_the_bundle_is_called_a_file(tmp_path):
+    (tmp_path / 'model.gguf').write_bytes(b'GGUF')
+    with pytest.raises(BundleError, match=r'model.gguf: a file, not a bundle directory'):
+        Bundle.open(tmp_path / 'model.gguf')

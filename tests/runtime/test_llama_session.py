@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from anomalygpt_edge.runtime.llama_session import LlamaError, LlamaSession
+from anomalygpt_edge.runtime.llama_session import ContextFullError, LlamaError, LlamaSession
 
 pytest.importorskip('llama_cpp')
 
@@ -52,6 +52,25 @@ def test_context_overflow_raises_and_session_survives(tiny_gguf_f32):
         s.truncate(200)
         s.eval_tokens([7] * 10)
         assert s.n_past == 210 and s.logits().shape == (s.n_vocab,)
+
+
+def test_n_batch_follows_the_context_and_an_overflow_is_refused_before_any_decode(tiny_gguf_f32):
+    # llama.cpp lowers n_batch to n_ctx and aborts the process on a larger batch
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, n_batch=512) as s:
+        assert s.n_batch == 256
+        s.eval_tokens([5] * 100)
+        with pytest.raises(ContextFullError, match=r'100 positions used \+ 300 new > n_ctx 256 .*--n-ctx'):
+            s.eval_tokens([6] * 300)
+        with pytest.raises(ContextFullError, match=r'\+ 200 new > n_ctx 256'):
+            s.eval_embeddings(np.zeros((200, s.n_embd), np.float32))
+        assert s.n_past == 100
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, n_batch=64) as s:
+        s.eval_tokens([5] * 100)
+        with pytest.raises(ContextFullError):
+            s.eval_tokens([6] * 200)  # the first two batches would fit
+        assert s.n_past == 100 and len(s.history) == 100
+        s.eval_tokens([6] * 156)
+        assert s.n_past == 256 and s.logits().shape == (s.n_vocab,)
 
 
 def test_truncate_then_reeval_reproduces_logits(tiny_gguf_f32, prompt):

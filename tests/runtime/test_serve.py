@@ -69,6 +69,31 @@ def test_bad_inputs_get_clear_4xx_and_the_service_keeps_serving(service):
     assert m == {'ok': 1, 'bad_image': 3, 'bad_request': 1, 'invalid_request': 1, 'too_large': 0, 'busy': 0, 'error': 0}
 
 
+def test_conflicting_or_missing_fields_are_named(service):
+    _, client = service
+    r = post(client, **{'class': 'bottle', 'describe': 'A round bottle.'})
+    assert r.status_code == 400 and r.json()['detail'] == "give 'class' or 'describe', not both"
+    for body in ({'data': {'question': 'x'}}, {'json': {'image': 'part.png'}}, {}):
+        r = client.post('/inspect', **body)
+        assert r.status_code == 422 and "missing field 'image'" in r.json()['detail'], r.text
+    assert post(client).status_code == 200
+
+
+def test_a_question_too_long_for_the_llm_context_gets_400_and_the_service_keeps_serving():
+    from anomalygpt_edge.runtime.llama_session import ContextFullError
+
+    class SmallContext(FakePipeline):
+        def inspect(self, image, question=None, **kw):
+            if question and len(question) > 100:
+                raise ContextFullError('context full: 0 positions used + 300 new > n_ctx 256')
+            return super().inspect(image, question=question, **kw)
+    with BackgroundServer(create_app(SmallContext())) as server, httpx.Client(base_url=server.url) as client:
+        r = post(client, question='Is it scratched? ' * 30)
+        assert r.status_code == 400 and 'context full' in r.json()['detail'] and 'shorter' in r.json()['detail']
+        assert post(client, question='Is it scratched?').status_code == 200
+        assert client.get('/metrics').json()['requests']['bad_request'] == 1
+
+
 def test_oversized_uploads_get_413(service):
     _, client = service
     r = post(client, b'\0' * (LIMIT + 1))
@@ -140,6 +165,7 @@ def test_binds_loopback_by_default():
     p = argparse.ArgumentParser()
     cmd_serve.add_arguments(p)
     assert p.parse_args(['--bundle', 'b']).host == '127.0.0.1'
+    assert '[--bundle' not in p.format_usage() and '--bundle BUNDLE' in p.format_usage()
     assert is_loopback('127.0.0.1') and is_loopback('::1') and is_loopback('localhost')
     assert not is_loopback('0.0.0.0') and not is_loopback('192.168.1.20')
     with pytest.raises(ValueError):

@@ -33,11 +33,12 @@ def test_runtime_modules_import_tensorrt_lazily():
     assert {m for m in ('tensorrt', 'pycuda') if m in sys.modules} == before
 
 
-def test_tensorrt_backend_without_tensorrt_is_a_clear_error(bundle_copy):
+def test_tensorrt_backend_without_tensorrt_is_a_clear_missing_dependency(bundle_copy):
     if importlib.util.find_spec('tensorrt') is not None:
         pytest.skip('tensorrt is installed here')
-    with pytest.raises(BundleError, match="backend 'tensorrt' needs the .* package"):
+    with pytest.raises(ModuleNotFoundError, match="backend 'tensorrt' needs the .* package") as e:
         Pipeline(bundle_copy, llm=False, backend='tensorrt')
+    assert e.value.name in ('tensorrt', 'pycuda')  # the CLI's exit code 3 and install hint go by it
 
 
 def test_auto_backend_falls_back_to_onnxruntime(bundle_copy):
@@ -52,6 +53,12 @@ def test_build_engines_without_tensorrt_exits_3(bundle_copy, capsys):
     from anomalygpt_edge.cli import main
     assert main(['build-engines', '--bundle', str(bundle_copy.root)]) == 3
     assert 'docs/tensorrt.md' in capsys.readouterr().err
+
+
+def test_build_engines_checks_the_bundle_first(tmp_path, capsys):
+    from anomalygpt_edge.cli import main
+    assert main(['build-engines', '--bundle', str(tmp_path / 'nonexistent')]) == 2
+    assert 'nonexistent: not a bundle directory' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('precision', ['fp32', 'fp16'])

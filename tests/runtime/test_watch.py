@@ -147,6 +147,21 @@ def test_failing_source_is_reopened_with_backoff_and_nothing_is_lost():
     assert all('list source' in m for m in waits)
 
 
+def test_max_frames_is_the_reason_even_when_the_source_ended_first():
+    src = ListSource(3)
+
+    class WaitsForTheSourceToEnd(FakePipeline):
+        def inspect(self, image, **kw):
+            assert src.exhausted.wait(5)
+            deadline = time.monotonic() + 5
+            while src.is_open:  # closed once the capture thread is done
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            return super().inspect(image, **kw)
+    s = Watcher(WaitsForTheSourceToEnd(), src, Recorder(), queue_size=3, max_frames=1, log=lambda m: None).run()
+    assert s['stopped'] == 'max frames' and s['inspected'] == 1 and s['pending'] == 2
+
+
 def test_live_source_lost_for_good_gives_up_after_max_retries():
     src = ListSource(3, live=True, fail_at={2: 1}, fail_opens=100)
     out = Recorder()
@@ -261,6 +276,16 @@ def test_help_documents_the_jetson_csi_pipeline(capsys):
     with pytest.raises(SystemExit):
         main(['watch', '--help'])
     assert 'nvarguscamerasrc' in capsys.readouterr().out
+
+
+def test_bundle_is_shown_as_required_and_checked_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(['watch', '--help'])
+    usage = capsys.readouterr().out.split('\n\n')[0]
+    assert ' --bundle BUNDLE' in usage and '[--bundle BUNDLE]' not in usage and 'fake' not in usage
+    with pytest.raises(SystemExit) as e:
+        main(['watch', '--source', '0'])
+    assert e.value.code == 2 and '--bundle' in capsys.readouterr().err
 
 
 # -- as a process: signals --------------------------------------------------------------------
