@@ -2,9 +2,9 @@
 
 Decodes any common image (8/16-bit, gray, RGBA, BGR order handled), refuses what is not a whole
 image with an error that names the file (a JPEG goes through libjpeg-turbo strictly, with simplejpeg: OpenCV
-decodes a JPEG whose data is damaged mid-stream, grey or garbled past the damage, with only a warning), and reproduces the reference's two resize modes:
-``squash`` (Resize((224,224)), training and web demo; the default) and ``center_crop`` (shorter
-side to 224 then centre crop; test scripts and few-shot references).
+decodes a JPEG whose data is damaged mid-stream, grey or garbled past the damage, with only a warning),
+and reproduces the reference's two resize modes: ``squash`` (Resize((224,224)), training and web demo; the
+default) and ``center_crop`` (shorter side to 224 then centre crop; test scripts and few-shot references).
 """
 from __future__ import annotations
 
