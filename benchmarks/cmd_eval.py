@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from ..arguments import non_negative_int
 
 
 def add_arguments(p) -> None:
@@ -19,7 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument('--classes', nargs='+', help='only these class folders')
     p.add_argument('--class-map', nargs='+', metavar='FOLDER=CLASS', default=[],
                    help="bundle class for a folder when the names differ (default: folder name, '_' -> ' ')")
-    p.add_argument('--k-shot', type=int, default=0, help='normal reference images per class (default: zero-shot)')
+    p.add_argument('--k-shot', type=non_negative_int, default=0,
+                   help='normal reference images per class (default: zero-shot)')
     p.add_argument('--no-llm', action='store_true', help='maps only: skip Yes/No and location accuracy')
     p.add_argument('--quant', help='GGUF type to load')
     p.add_argument('--precision', default='fp32', help='vision graph precision')
@@ -43,6 +47,12 @@ def run(args) -> int:
     from .evaluate import evaluate, markdown, write_json
     class_map = dict(item.split('=', 1) for item in args.class_map)
     compare = bool(args.reference or args.reference_checkpoint or args.reference_tokenizer)
+    data = Path(args.data)
+    missing = [c for c in args.classes or [] if data.is_dir() and not (data / c / 'test').is_dir()]
+    if missing:
+        print(f"anomalygpt-edge eval: {data}: no class folder {', '.join(f'{c}/test' for c in missing)} "
+              "(--classes takes folder names)", file=sys.stderr)
+        return 2
     errors = (BundleError, FileNotFoundError, KeyError)
     if compare:
         from .reference_compare import ReferenceSetupError

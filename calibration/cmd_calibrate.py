@@ -13,10 +13,20 @@ move more than --max-prompt-error, on the held-out images.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
+
+from ..arguments import non_negative_int, positive_int
+
+
+def _folder_class(text: str) -> tuple[str, str]:
+    folder, sep, cls = text.partition('=')
+    if not sep or not folder or not cls:
+        raise argparse.ArgumentTypeError(f"takes FOLDER=CLASS, got {text!r}")
+    return folder, cls
 
 
 def add_arguments(p) -> None:
@@ -42,14 +52,19 @@ def add_arguments(p) -> None:
     q.add_argument('--max-prompt-error', type=float, default=0.02,
                    help="largest relative L2 error of the 18 prompts (INT8 vs FP32 prompt learner on the FP32 map) "
                         "allowed on any held-out image (default: %(default)s)")
-    q.add_argument('--max-images', type=int, default=256, help='cap on calibration images (default: %(default)s)')
-    q.add_argument('--batch-size', type=int, default=4)
+    q.add_argument('--max-images', type=positive_int, default=256,
+                   help='cap on calibration images (default: %(default)s)')
+    q.add_argument('--batch-size', type=positive_int, default=4)
     q.add_argument('--seed', type=int, default=0, help='shuffling seed (default: %(default)s)')
     q.add_argument('--recursive', action='store_true', help='take images from sub-folders of --images too')
-    q.add_argument('--k-shot', type=int, default=1, help='also gate the k-shot map (0: zero-shot only; default: %(default)s)')
+    q.add_argument('--k-shot', type=non_negative_int, default=1,
+                   help='also gate the k-shot map (0: zero-shot only; default: %(default)s)')
     q.add_argument('--max-drop', type=float, default=0.5, help='largest image-AUROC drop allowed, in points (default: %(default)s)')
     q.add_argument('--max-map-error', type=float, default=0.02,
                    help='largest mean absolute anomaly-map error allowed (default: %(default)s)')
+    q.add_argument('--class-map', nargs='+', type=_folder_class, metavar='FOLDER=CLASS', default=[],
+                   help="the bundle's class of a held-out folder whose name differs (default: the folder name, "
+                        "'_' -> ' ')")
     q.add_argument('--json', help='write the gate report here')
 
     t = sub.add_parser('threshold', help='per-class score threshold on normal images, for inspect --no-llm')
@@ -60,7 +75,7 @@ def add_arguments(p) -> None:
                    help='threshold = this percentile of the normal scores (default: %(default)s = the maximum)')
     t.add_argument('--margin', type=float, default=0.0, help='added to the threshold (default: %(default)s)')
     t.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='few-shot references: calibrates the k-shot mode')
-    t.add_argument('--max-images', type=int)
+    t.add_argument('--max-images', type=positive_int)
     t.add_argument('--precision', default='fp32', help='vision precision to score with (default: %(default)s)')
     t.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'tensorrt', 'auto'))
     t.add_argument('--threads', type=int)
@@ -68,8 +83,8 @@ def add_arguments(p) -> None:
     g = sub.add_parser('trt-legacy', help='INT8 engine with TensorRT\'s implicit entropy calibrator (TensorRT < 10.1)')
     g.add_argument('--bundle', required=True)
     g.add_argument('--images', required=True, metavar='NORMAL_DIR')
-    g.add_argument('--max-images', type=int, default=256)
-    g.add_argument('--batch-size', type=int, default=4)
+    g.add_argument('--max-images', type=positive_int, default=256)
+    g.add_argument('--batch-size', type=positive_int, default=4)
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--workspace', type=int, metavar='MB')
     g.add_argument('--cache', help='calibration cache file (default: bundle/engines/<set>/encoder.calib)')
@@ -77,7 +92,8 @@ def add_arguments(p) -> None:
 
 def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.999, target='tensorrt',
                    quantize_attention=True, max_images=256, batch_size=4, seed=0, recursive=False, k_shot=1,
-                   max_drop=0.5, max_map_mae=0.02, log=print, component='encoder', max_prompt_error=0.02):
+                   max_drop=0.5, max_map_mae=0.02, log=print, component='encoder', max_prompt_error=0.02,
+                   class_map=None):
     """Quantize ``component`` (the encoder, or the prompt learner: dynamic only), gate, and (only if the
     gate passes) add ``<component>-int8.onnx`` to the bundle. Returns the GateReport; the bundle is
     unchanged when it did not pass."""
@@ -86,7 +102,7 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
     from ..runtime.runners import OrtRunner
     from .bundle_update import update_bundle
     from .data_reader import CalibrationError, ImageBatches
-    from .gate import accuracy_gate
+    from .gate import accuracy_gate, heldout_classes
     from .int8 import INT8_TOLERANCE, QuantizeOptions, int8_file, quantize_onnx
 
     inputs = {'encoder': 'image', 'prompt_learner': 'anomaly_map'}
@@ -97,6 +113,7 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
                                "calibration image): --method dynamic --target onnxruntime")
     bundle = Bundle.open(bundle_dir, verify_hashes=True)
     fp32 = bundle.component(component, 'fp32')
+    heldout_classes(bundle.classes, heldout, class_map)
     # the histogram calibrators (entropy, percentile) stack every batch's activations, so all batches
     # must have one size: a short last batch would make ONNX Runtime fail on a ragged array
     opts = QuantizeOptions(method=method, percentile=percentile, target=target, quantize_attention=quantize_attention)
@@ -118,7 +135,7 @@ def calibrate_int8(bundle_dir, images, heldout, method='minmax', percentile=99.9
         with Pipeline(bundle, llm=False, precision='fp32') as ref, Pipeline(bundle, llm=False, precision='fp32') as cand:
             cand.runners[component] = OrtRunner(candidate, name=f'onnxruntime:{name}')
             report = accuracy_gate(ref, cand, heldout, k_shot=k_shot, max_drop=max_drop, max_map_mae=max_map_mae,
-                                   max_prompt_error=max_prompt_error)
+                                   max_prompt_error=max_prompt_error, class_map=class_map)
         if not report.passed:
             return report
         entry = {'file': name, 'external_data': info['external_data'], 'precision': 'int8', 'opset': fp32['opset'],
@@ -142,7 +159,7 @@ def _int8(args) -> int:
     report = calibrate_int8(args.bundle, args.images, args.heldout, args.method, args.percentile, args.target,
                             not args.no_attention, args.max_images, args.batch_size, args.seed, args.recursive,
                             args.k_shot, args.max_drop, args.max_map_error, component=args.component,
-                            max_prompt_error=args.max_prompt_error)
+                            max_prompt_error=args.max_prompt_error, class_map=dict(args.class_map))
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))

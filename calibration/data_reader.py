@@ -27,6 +27,8 @@ class CalibrationError(ValueError):
 def list_images(folder, recursive: bool = False) -> list[Path]:
     """Image files of a folder, sorted by name (``recursive``: in sub-folders too)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CalibrationError(f"{folder}: a file, not a folder of images")
     if not folder.is_dir():
         raise CalibrationError(f"{folder}: no such image folder")
     found = folder.rglob('*') if recursive else folder.iterdir()

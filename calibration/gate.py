@@ -13,12 +13,14 @@ stay within ``max_prompt_error`` (it is 0 when the candidate's prompt learner is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..benchmarks.evaluate import discover, load_mask, reference_shots
 from ..benchmarks.metrics import image_auroc, mean_or_none, pixel_auroc
 from ..runtime.compare import ComparisonReport, compare_outputs
+from .data_reader import CalibrationError
 
 ENCODER_CASES = 16  # held-out images on which the encoder outputs themselves are compared
 PROMPT_CASES = 32   # held-out images on which the prompt learners' outputs are compared
@@ -82,9 +84,17 @@ def _compare_prompts(reference, candidate, amap: np.ndarray, worst: dict) -> Non
     worst['n_images'] += 1
 
 
-def _bundle_class(pipeline, folder_name: str, class_map) -> str:
-    name = (class_map or {}).get(folder_name, folder_name.replace('_', ' '))
-    return name if name in pipeline.classes else pipeline.default_class
+def heldout_classes(known, heldout_root, class_map=None, classes=None) -> dict[str, str]:
+    """Each held-out class folder -> the bundle's class (``known``) that names it; a class the bundle does not
+    know is refused, as ``eval`` refuses it (its text features would not be the class's)."""
+    out = {}
+    for folder in discover(heldout_root, classes):
+        name = (class_map or {}).get(folder, folder.replace('_', ' '))
+        if name not in known:
+            raise CalibrationError(f"{Path(heldout_root) / folder}: unknown class {name!r}; the bundle has: "
+                                   f"{', '.join(known)} (--class-map {folder}=CLASS names another)")
+        out[folder] = name
+    return out
 
 
 def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop: float = 0.5,
@@ -93,12 +103,13 @@ def accuracy_gate(reference, candidate, heldout_root, k_shot: int = 1, max_drop:
     report = GateReport(max_drop, max_map_mae, max_prompt_error=max_prompt_error)
     prompt_err = {'max_abs': 0.0, 'rel_l2': 0.0, 'min_cosine': 1.0, 'n_images': 0}
     found = discover(heldout_root, classes)
+    bundle_class = heldout_classes(reference.classes, heldout_root, class_map, classes)
     modes = ['zero-shot'] + ([f'{k_shot}-shot'] if k_shot else [])
     per_mode = {m: {'fp32': [], 'int8': [], 'px_fp32': [], 'px_int8': [], 'per_class': {}} for m in modes}
     enc = ComparisonReport('int8', 'fp32')
     max_abs, abs_sum, n_px = 0.0, 0.0, 0
     for folder, samples in found.items():
-        cls = _bundle_class(reference, folder, class_map)
+        cls = bundle_class[folder]
         memories = {'zero-shot': (None, None)}
         if k_shot:
             shots = reference_shots(heldout_root, folder, k_shot)

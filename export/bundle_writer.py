@@ -1,12 +1,15 @@
 """Writing a bundle atomically: files are staged in a hidden temporary directory beside the
 target, hashed into the manifest, and the directory is renamed into place only when complete.
-An export that fails part-way leaves the previous bundle (if any) untouched and no debris."""
+An export that fails part-way leaves the previous bundle (if any) untouched and no debris; the debris of
+one that was killed goes with the next write to the same target. Only a bundle or an empty directory is
+ever replaced."""
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +43,16 @@ def preprocess_manifest() -> dict:
             'reference_resize': 'center_crop'}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
 class BundleWriter:
     """``with BundleWriter(out) as w: export into w.path(name)...; w.commit(manifest)``."""
 
@@ -49,10 +62,35 @@ class BundleWriter:
         self.tmp = self.out.parent / f'.{self.out.name}.partial-{os.getpid()}'
         self.committed = False
 
-    def __enter__(self) -> "BundleWriter":
-        if self.out.exists() and not self.overwrite:
+    def check_target(self) -> None:
+        """Only a bundle (a directory with a manifest) or an empty directory may be replaced."""
+        if not (self.out.exists() or self.out.is_symlink()):
+            return
+        if not self.overwrite:
             raise FileExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        if self.out.is_symlink() or not self.out.is_dir():
+            raise FileExistsError(f"{self.out}: not a bundle directory (a file or a link): refusing to replace it")
+        if not (self.out / MANIFEST).is_file() and any(self.out.iterdir()):
+            raise FileExistsError(f"{self.out}: a directory that is not a bundle (no {MANIFEST}): "
+                                  "refusing to replace it")
+
+    def _remove_stale(self) -> None:
+        """Staging directories of writes to the same target by processes that no longer run (killed)."""
+        if os.name != 'posix':   # os.kill(pid, 0) would terminate the process elsewhere
+            return
+        pattern = re.compile(re.escape(f'.{self.out.name}.') + r'(partial|old)-(\d+)')
+        for p in self.out.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if not m or int(m[2]) == os.getpid() or p.is_symlink() or not p.is_dir() or _alive(int(m[2])):
+                continue
+            # an old bundle moved aside is the only copy when its writer died before the new one took its place
+            if m[1] == 'partial' or (self.out / MANIFEST).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def __enter__(self) -> "BundleWriter":
+        self.check_target()
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
@@ -81,6 +119,7 @@ class BundleWriter:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        self.check_target()
         old = None
         if self.out.exists():
             old = self.out.parent / f'.{self.out.name}.old-{os.getpid()}'

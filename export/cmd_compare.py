@@ -107,24 +107,29 @@ def compare_bundle(bundle, model, precisions=None, components=None, batch: int =
     return out
 
 
+def _unusable(args, message: str) -> int:
+    """Exit 2, with the reason on stderr and, under --json, as the report on stdout."""
+    print(f"anomalygpt-edge compare: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({'bundle': str(args.bundle), 'passed': False, 'error': message}, indent=1))
+    return 2
+
+
 def run(args) -> int:
     from ..runtime.bundle import Bundle, BundleError
     from ..runtime.runners import RunnerError
     try:
         bundle = Bundle.open(args.bundle, verify_hashes=True)
     except BundleError as e:
-        print(f"anomalygpt-edge compare: {e}", file=sys.stderr)
-        return 2
+        return _unusable(args, str(e))
     from ..models.loaders import CheckpointError
     try:
         model = rebuild_model(bundle.manifest, args)
         reports = compare_bundle(bundle, model, args.precision, args.component, args.batch, args.seed)
     except (ValueError, CheckpointError, RunnerError, BundleError) as e:
-        print(f"anomalygpt-edge compare: {bundle.root}: {e}", file=sys.stderr)
-        return 2
+        return _unusable(args, f"{bundle.root}: {e}")
     if not reports:
-        print(f"anomalygpt-edge compare: {bundle.root}: no component variant to compare", file=sys.stderr)
-        return 2
+        return _unusable(args, f"{bundle.root}: no component variant to compare")
     passed = all(r.passed for variants in reports.values() for r in variants.values())
     if args.json:
         print(json.dumps({'bundle': str(bundle.root), 'passed': passed,

@@ -17,6 +17,41 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(t.strip().lower() for t in text.split(',') if t.strip())
 
 
+def quant_types(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated GGUF types, each one ``quantize.QUANT_TYPES`` knows."""
+    from .quantize import QUANT_TYPES, QuantizeError, ftype_of
+    names = _split(text)
+    for name in names:
+        try:
+            ftype_of(name)
+        except QuantizeError:
+            raise argparse.ArgumentTypeError(f"unknown GGUF type {name!r}; choose from {', '.join(QUANT_TYPES)}") \
+                from None
+    return names
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    from .onnx_graphs import Precision
+    names = _split(text)
+    valid = [p.value for p in Precision]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown vision precision {(bad or [text])[0]!r}; "
+                                         f"choose from {', '.join(valid)}")
+    return names
+
+
+def _opset(text: str) -> int:
+    from .onnx_export import MAX_OPSET, MIN_OPSET
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"opset {value} is not supported: the exporter writes {MIN_OPSET}-{MAX_OPSET}")
+    return value
+
+
 def _classes(items) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -36,12 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     def common(sp, quant_default):
         sp.add_argument('--out', required=True, help='bundle directory to create')
-        sp.add_argument('--precision', default='fp32,fp16', type=_split,
+        sp.add_argument('--precision', default='fp32,fp16', type=_precisions,
                         help='vision graph precisions, comma-separated (fp32, fp16; default: %(default)s)')
-        sp.add_argument('--quant', default=quant_default, type=_split,
+        sp.add_argument('--quant', default=quant_default, type=quant_types,
                         help=f"GGUF types, comma-separated: {', '.join(QUANT_TYPES)}; the first is the one the runtime "
                              'opens unless told otherwise (inspect --quant) (default: %(default)s)')
-        sp.add_argument('--opset', type=int, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
+        sp.add_argument('--opset', type=_opset, default=17, help='ONNX opset (17 suits TensorRT 8.6 on JetPack 5)')
         sp.add_argument('--class-description', action='append', metavar='NAME=DESCRIPTION',
                         help='add your own product class with its description sentence (repeatable)')
         sp.add_argument('--overwrite', action='store_true', help='replace an existing bundle')
@@ -64,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lm.add_argument('--vicuna', required=True, help='Vicuna v0 HF directory')
     lm.add_argument('--pandagpt', required=True, help='PandaGPT delta (LoRA) file')
     lm.add_argument('--out', required=True, help='existing bundle directory to update')
-    lm.add_argument('--quant', default=RELEASED_QUANTS, type=_split,
+    lm.add_argument('--quant', default=RELEASED_QUANTS, type=quant_types,
                     help='GGUF types, the first is the default file (default: %(default)s)')
 
 

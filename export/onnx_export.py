@@ -31,6 +31,11 @@ from .onnx_graphs import Component, ComponentSpec, Precision, component_specs, e
 from .samples import verification_cases
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 14   # the towers' scaled_dot_product_attention has no ONNX form below it
+try:   # the highest opset this torch's exporter writes (a private constant: 23 in torch 2.13)
+    from torch.onnx._constants import ONNX_MAX_OPSET as MAX_OPSET
+except ImportError:
+    MAX_OPSET = 23
 # protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..models.anomalygpt import AnomalyGPT
 from ..models.config import get_config
 from ..models.imagebind import TextTower
-from ..models.loaders import check_vicuna_dir, load_anomalygpt_delta, load_imagebind, load_llama_proj
+from ..models.loaders import (check_torch_file, check_vicuna_dir, load_anomalygpt_delta, load_imagebind,
+                              load_llama_proj)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ def released_llm_exporter(vicuna, pandagpt, cfg):
 
 def export_released(out_dir, imagebind, anomalygpt, pandagpt, vicuna, config: str = 'huge', **kwargs) -> Path:
     from .bundle_export import write_bundle
+    from .bundle_writer import BundleWriter
+    # every input and the target checked first: loading the huge vision side takes minutes and GBs
+    BundleWriter(out_dir, overwrite=kwargs.get('overwrite', False)).check_target()
+    for path in (imagebind, anomalygpt, pandagpt):
+        check_torch_file(Path(path))
     check_vicuna_dir(vicuna, expected_vocab=32001 if config == 'huge' else None)
     model, text = load_released_vision(imagebind, anomalygpt, pandagpt, vicuna, config)
     source = {'kind': 'released', 'files': {'imagebind': Path(imagebind).name, 'anomalygpt': str(anomalygpt),

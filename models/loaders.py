@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,12 +27,43 @@ class CheckpointError(ValueError):
     exit_code = 2  # bad input (cli.exit_code)
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+def check_torch_file(path: Path) -> None:
+    """A cheap look at the container of a ``torch.save`` file: a zip archive whose directory (at its end) reads,
+    or a legacy pickle."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head == b'PK\x03\x04':
+        try:
+            zipfile.ZipFile(path).close()
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e})") from None
+    elif head[:1] != b'\x80':   # the PROTO opcode that starts a pickle of protocol 2 or later
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither the zip nor the legacy pickle format)")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Reads the header (the key list) of a ``.safetensors`` file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, without torch's advice to load the file unsafely."""
+    m = re.search(r'WeightsUnpickler error:\s*(.+)', str(error))
+    return m[1].split('. ')[0].strip() if m else 'not a state dict'
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    check_torch_file(path)
     try:
         try:
             obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
@@ -40,8 +72,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location='cpu', weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: not a plain state dict of tensors (refused by weights_only "
-                              f"loading: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a plain state dict of tensors (the weights-only loader refused it: "
+                              f"{_refusal(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and 'module' in obj and isinstance(obj['module'], dict):
@@ -151,10 +183,18 @@ def check_vicuna_dir(path, expected_vocab: int | None = 32001) -> dict:
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise CheckpointError(f"{path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}")
+            weights = [path / s for s in shards]
             break
     else:
-        if not any((path / f).is_file() for f in ('model.safetensors', 'pytorch_model.bin')):
+        # the first one present is the one the LLM export reads
+        weights = [p for p in (path / 'model.safetensors', path / 'pytorch_model.bin') if p.is_file()][:1]
+        if not weights:
             raise CheckpointError(f"{path}: no weights (model.safetensors, pytorch_model.bin or a sharded index)")
+    for file in weights:
+        if file.suffix == '.safetensors':
+            check_safetensors_file(file)
+        else:
+            check_torch_file(file)
     sp = path / 'tokenizer.model'
     if not sp.is_file():
         raise CheckpointError(f"{path}: tokenizer.model is missing")

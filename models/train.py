@@ -20,17 +20,20 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from . import spec
+from ..arguments import non_negative_int, positive_int
 from .anomaly_sim import SimParams
 from .anomalygpt import AnomalyGPT
 from .config import CONFIGS, ModelConfig, get_config
 from .decoder import few_shot_map_matmul, label_as_map, layer_logits
 from .imagebind import TextTower, init_random
+from .loaders import CheckpointError
 from .losses import pixel_loss
 from .patch_probe import PatchProbe, cell_targets, patch_targets, probe_loss
 from .text_features import class_text_features
@@ -764,13 +767,39 @@ def build_small(tokenizer_dir, seed: int, config: str = 'small') -> tuple[Anomal
     return model, text
 
 
+def no_trained_model(work) -> CheckpointError:
+    final = Path(work) / 'final.pt'
+    return CheckpointError(f"{final}: no trained model (train first: python -m anomalygpt_edge.models.train "
+                           f"--work {work}, without --export-only)")
+
+
+def _load_strict(module, weights: dict, path: Path, config: str) -> None:
+    """``load_state_dict(strict=True)``, its error as one line: a model of another config differs in every layer."""
+    expected = module.state_dict()
+    shaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if shaped or missing or unexpected:
+        example = f"; e.g. {shaped[0]} is {list(weights[shaped[0]].shape)}, not {list(expected[shaped[0]].shape)}" \
+            if shaped else ''
+        raise CheckpointError(f"{path}: its weights do not fit the {config!r} model ({len(shaped)} of other shapes, "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected{example}): was it trained with "
+                              "another --config?")
+    module.load_state_dict(weights)
+
+
 def load_trained(work, model: AnomalyGPT, text: TextTower) -> dict:
     """Load ``<work>/final.pt`` (written by :func:`main`) into a model built by :func:`build_small`."""
-    state = load_checkpoint(Path(work) / 'final.pt')
+    path = Path(work) / 'final.pt'
+    state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"{Path(work) / 'final.pt'}: no trained model (run the training first)")
-    model.load_state_dict(state['model'])
-    text.load_state_dict(state['text'])
+        raise no_trained_model(work)
+    trained = state.get('config')
+    if trained is not None and trained != model.cfg.name:
+        raise CheckpointError(f"{path}: trained with --config {trained}, not {model.cfg.name}: export it with "
+                              f"--config {trained}")
+    _load_strict(model, state['model'], path, model.cfg.name)
+    _load_strict(text, state['text'], path, model.cfg.name)
     model.eval(), text.eval()
     return state
 
@@ -814,6 +843,7 @@ def training_environment() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..export.cmd_export import quant_types
     ap = argparse.ArgumentParser(prog='python -m anomalygpt_edge.models.train', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--work', required=True, help='working directory: tokenizer, checkpoints (resumable)')
@@ -826,9 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
             kind['choices'] = list(ADAMW_KINDS)
         ap.add_argument('--' + f.name.replace('_', '-'), default=f.default,
                         help=SETTING_HELP[f.name] + ' (default: %(default)s)', **kind)
-    ap.add_argument('--samples', type=int, default=4000, help='simulated training samples per epoch')
-    ap.add_argument('--quant', default='f32,q8_0', help='GGUF type(s) for the bundle, the first is the default')
-    ap.add_argument('--threshold-images', type=int, default=16,
+    ap.add_argument('--samples', type=positive_int, default=4000, help='simulated training samples per epoch')
+    ap.add_argument('--quant', default='f32,q8_0', type=quant_types,
+                    help='GGUF type(s) for the bundle, the first is the default')
+    ap.add_argument('--threshold-images', type=non_negative_int, default=16,
                     help='normal images per class for the bundle\'s score thresholds (the LLM-free and two-speed '
                          'verdicts; fresh images of the training generator; 0: none) (default: %(default)s)')
     ap.add_argument('--export-only', action='store_true',
@@ -841,9 +872,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .synthetic import CATEGORIES
-    from .synthetic_dataset import SyntheticAnomalyDataset
-    from .tokenizer import load_tokenizer, train_sentencepiece
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -852,9 +880,29 @@ def main(argv=None) -> int:
     except ValueError as e:   # the message starts with the setting's name: name the flag instead
         name, _, problem = str(e).partition(' ')
         ap.error(f"--{name.replace('_', '-')} {problem}")
+    try:
+        return _run(args, s)
+    except Exception as e:
+        from .. import cli
+        code = cli.exit_code(e)
+        if code is None:
+            raise
+        print(f"{ap.prog}: {e}", file=sys.stderr)
+        return code
+
+
+def _run(args, s: TrainSettings) -> int:
+    from .synthetic import CATEGORIES
+    from .synthetic_dataset import SyntheticAnomalyDataset
+    from .tokenizer import load_tokenizer, train_sentencepiece
+    work = Path(args.work)
+    if args.export_only and not (work / 'final.pt').is_file():
+        raise no_trained_model(work)
+    if args.bundle:   # refused now rather than after the training
+        from ..export.bundle_writer import BundleWriter
+        BundleWriter(args.bundle, overwrite=True).check_target()
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
-    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / 'tokenizer'
     if not (tok_dir / 'tokenizer.model').is_file():
@@ -891,7 +939,7 @@ def main(argv=None) -> int:
         minutes = {'vision': vision_s / 60, 'language': language_s / 60}
         environment = training_environment()
         save_checkpoint(work / 'final.pt', model=model.state_dict(), text=text.state_dict(), minutes=minutes,
-                        settings=dataclasses.asdict(s), environment=environment)
+                        settings=dataclasses.asdict(s), environment=environment, config=args.config)
     if args.bundle:
         from ..export.bundle_export import write_bundle
         extra = spec.SYNTHETIC_DESCRIPTIONS
@@ -900,7 +948,7 @@ def main(argv=None) -> int:
                       'settings': dataclasses.asdict(s), 'samples': args.samples,
                       **({'minutes': minutes, 'cores': os.cpu_count()} if minutes else {}),
                       **({'environment': environment} if environment else {})},
-                     precisions=('fp32',), quants=tuple(q.strip() for q in args.quant.split(',')),
+                     precisions=('fp32',), quants=args.quant,
                      extra_classes=extra, overwrite=True, verify=not args.no_verify)
         if args.threshold_images:
             calibrate_thresholds(args.bundle, s.seed, args.threshold_images)

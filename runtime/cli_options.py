@@ -4,29 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..arguments import positive_int
 from .pipeline import DEFAULT_N_CTX
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
-
-
-def map_level(text: str) -> float:
-    """argparse type: a level of the anomaly map, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1] (the map's range)")
-    return value
 
 
 def add_bundle_argument(p) -> None:

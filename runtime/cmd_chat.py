@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli_options import positive_int
+from ..arguments import positive_int
 
 
 def add_arguments(p) -> None:

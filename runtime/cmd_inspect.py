@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, map_level, open_pipeline
+from ..arguments import map_level
+from .cli_options import add_backend_arguments, add_question_arguments, few_shot_memory, open_pipeline
 
 
 def add_arguments(p) -> None:

@@ -27,8 +27,9 @@ import os
 import signal
 import sys
 
+from ..arguments import map_level
 from .cli_options import (add_backend_arguments, add_bundle_argument, add_question_arguments, few_shot_memory,
-                          map_level, open_pipeline)
+                          open_pipeline)
 
 
 def add_arguments(p) -> None:

@@ -127,3 +127,14 @@ def test_evaluate_reports_intervals_around_the_means(dataset):
     half = evaluate(_AnsweringMapRunner(dataset, np.zeros_like, False), dataset, progress=False)
     lo, hi = half['intervals']['yes_no_accuracy']   # "No" to all: right on the normal images only
     assert lo <= half['mean']['yes_no_accuracy'] <= hi and lo < hi
+
+
+def test_eval_names_a_missing_class_folder_and_refuses_a_negative_k_shot(dataset, tiny_bundle, capsys):
+    from anomalygpt_edge.cli import main
+    assert main(['eval', '--bundle', str(tiny_bundle), '--data', str(dataset), '--no-llm',
+                 '--classes', 'woven_fabric', 'cable']) == 2
+    err = capsys.readouterr().err
+    assert f'{dataset}: no class folder cable/test' in err and 'woven_fabric' not in err
+    with pytest.raises(SystemExit) as e:
+        main(['eval', '--bundle', str(tiny_bundle), '--data', str(dataset), '--no-llm', '--k-shot', '-1'])
+    assert e.value.code == 2 and '--k-shot: -1 is less than 0' in capsys.readouterr().err

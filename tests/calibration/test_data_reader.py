@@ -78,3 +78,7 @@ def test_errors_name_the_folder(tmp_path, tiny_bundle):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(CalibrationError, match='no images'):
         ImageBatches.from_folder(tmp_path / 'empty', Bundle.open(tiny_bundle))
+    (tmp_path / 'normal.png').write_bytes(b'')
+    with pytest.raises(CalibrationError) as e:
+        list_images(tmp_path / 'normal.png')
+    assert str(e.value) == f"{tmp_path / 'normal.png'}: a file, not a folder of images"

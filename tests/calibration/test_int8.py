@@ -22,6 +22,9 @@ CATEGORIES = ('brushed_metal', 'wood_grain')
 # AUROC by ~0.9 points, so the test's limit is wider than the command's default (0.5, meant for real
 # held-out sets). Measured here: good calibration drops <= ~4 points, the constant image >= 10.
 MAX_DROP = 6.0
+# the tiny bundle knows no class of these textures: they are scored as its default class
+OBJECT = {c: 'object' for c in CATEGORIES}
+CLASS_MAP = ['--class-map', *(f'{c}=object' for c in CATEGORIES)]
 
 
 @pytest.fixture(scope='module')
@@ -86,7 +89,7 @@ def test_qdq_graph_is_what_tensorrt_needs_and_runs_in_onnxruntime(tiny_bundle, d
 def test_gate_keeps_a_good_calibration(tiny_bundle, data, tmp_path):
     bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
     report = calibrate_int8(bdir, data['normals'], data['mvtec'], method='minmax', max_drop=MAX_DROP,
-                            log=lambda *_: None)
+                            class_map=OBJECT, log=lambda *_: None)
     assert report.passed, report.summary()
     assert set(report.modes) == {'zero-shot', '1-shot'} and report.n_images == 30
     assert report.map_mean_abs < 0.005
@@ -94,7 +97,7 @@ def test_gate_keeps_a_good_calibration(tiny_bundle, data, tmp_path):
     from anomalygpt_edge.benchmarks.evaluate import evaluate
     zs = report.modes['zero-shot']
     with Pipeline(Bundle.open(bdir), llm=False, precision='fp32') as p32:
-        same = evaluate(p32, data['mvtec'], class_map={c: 'object' for c in CATEGORIES}, llm=False)  # as the gate maps them
+        same = evaluate(p32, data['mvtec'], class_map=OBJECT, llm=False)
         assert zs['fp32_pixel_auroc'] == pytest.approx(same['mean']['pixel_auroc'])
     assert abs(zs['int8_pixel_auroc'] - zs['fp32_pixel_auroc']) < 0.05 and 'pixel AUROC' in report.summary()
     b = Bundle.open(bdir, verify_hashes=True)       # hashes recomputed, new file listed
@@ -122,7 +125,8 @@ def test_gate_refuses_a_bad_calibration_and_leaves_the_bundle_alone(tiny_bundle,
     report_file = tmp_path / 'gate.json'
     # the map-error limit is lifted: the refusal must come from the AUROC drop itself
     rc = main(['calibrate', 'int8', '--bundle', str(bdir), '--images', str(data['bad']), '--heldout',
-               str(data['mvtec']), '--max-drop', str(MAX_DROP), '--max-map-error', '1e9', '--json', str(report_file)])
+               str(data['mvtec']), '--max-drop', str(MAX_DROP), '--max-map-error', '1e9', '--json', str(report_file),
+               *CLASS_MAP])
     out = capsys.readouterr()
     assert rc == 1, out.out
     assert 'REFUSED' in out.out and 'image AUROC drops' in out.out and 'unchanged' in out.err
@@ -140,7 +144,7 @@ def test_histogram_calibration_with_a_short_last_batch(tiny_bundle, data, tmp_pa
     crash ONNX Runtime on the ragged last batch. The short batch is now dropped."""
     bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
     calibrate_int8(bdir, data['normals'], data['mvtec'], method='percentile', batch_size=4, max_images=6,
-                   max_drop=100.0, max_map_mae=1.0, log=lambda *_: None)
+                   max_drop=100.0, max_map_mae=1.0, class_map=OBJECT, log=lambda *_: None)
     calib = Bundle.open(bdir).component('encoder', 'int8')['quantization']['calibration']
     assert calib['method'] == 'percentile' and calib['n_images'] == 4
 
@@ -176,12 +180,12 @@ def test_dynamic_quantization_needs_no_images_and_is_gated(tiny_bundle, data, tm
     # through the command: no --images needed; minmax without --images is refused by name
     bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
     report = calibrate_int8(bdir, None, data['mvtec'], method='dynamic', target='onnxruntime', max_drop=MAX_DROP,
-                            log=lambda *_: None)
+                            class_map=OBJECT, log=lambda *_: None)
     assert report.passed, report.summary()
     entry = Bundle.open(bdir, verify_hashes=True).component('encoder', 'int8')
     assert entry['quantization']['calibration']['method'] == 'dynamic'
     with pytest.raises(CalibrationError, match='give --images'):
-        calibrate_int8(bdir, None, data['mvtec'], method='minmax', log=lambda *_: None)
+        calibrate_int8(bdir, None, data['mvtec'], method='minmax', class_map=OBJECT, log=lambda *_: None)
 
 
 @pytest.mark.parametrize('method', ['dynamic', 'minmax'])
@@ -237,11 +241,11 @@ def test_int8_prompt_learner_is_gated_on_its_prompts_and_picked_by_auto(tiny_bun
     before = snapshot(bdir)
     rc = main(['calibrate', 'int8', '--bundle', str(bdir), '--heldout', str(data['mvtec']), '--method', 'dynamic',
                '--target', 'onnxruntime', '--component', 'prompt_learner', '--max-drop', str(MAX_DROP),
-               '--max-prompt-error', '1e-9'])
+               '--max-prompt-error', '1e-9', *CLASS_MAP])
     out = capsys.readouterr().out
     assert rc == 1 and 'the prompts move by' in out and snapshot(bdir) == before
     report = calibrate_int8(bdir, None, data['mvtec'], method='dynamic', target='onnxruntime', max_drop=MAX_DROP,
-                            component='prompt_learner', log=lambda *_: None)
+                            component='prompt_learner', class_map=OBJECT, log=lambda *_: None)
     assert report.passed, report.summary()
     assert report.map_max_abs == 0.0 and 0 < report.prompts['rel_l2'] <= 0.02 and report.prompts['n_images'] > 0
     b = Bundle.open(bdir, verify_hashes=True)
@@ -257,3 +261,28 @@ def test_int8_prompt_learner_is_gated_on_its_prompts_and_picked_by_auto(tiny_bun
         assert auto.precision == 'int8'
         assert auto.runners['prompt_learner'].path.name == 'prompt_learner-int8.onnx'
         assert auto.runners['encoder'].path.name == 'encoder.onnx'
+
+
+def test_a_heldout_class_the_bundle_does_not_know_is_refused_before_quantizing(tiny_bundle, data, tmp_path, capsys):
+    from anomalygpt_edge.cli import main
+    heldout = tmp_path / 'heldout'
+    shutil.copytree(data['mvtec'] / 'wood_grain', heldout / 'gizmo')
+    bdir = shutil.copytree(tiny_bundle, tmp_path / 'b')
+    before = snapshot(bdir)
+    rc = main(['calibrate', 'int8', '--bundle', str(bdir), '--heldout', str(heldout), '--method', 'dynamic',
+               '--target', 'onnxruntime', '--max-drop', '100', '--max-map-error', '1e9'])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{heldout / 'gizmo'}: unknown class 'gizmo'; the bundle has: " in err
+    assert 'bottle' in err and 'object' in err and 'Traceback' not in err
+    assert snapshot(bdir) == before
+
+
+@pytest.mark.parametrize('option, message', [(['--batch-size', '0'], '--batch-size: 0 is less than 1'),
+                                             (['--k-shot', '-1'], '--k-shot: -1 is less than 0'),
+                                             (['--max-images', '0'], '--max-images: 0 is less than 1')])
+def test_a_bad_number_is_a_usage_error(tiny_bundle, data, capsys, option, message):
+    from anomalygpt_edge.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(['calibrate', 'int8', '--bundle', str(tiny_bundle), '--images', str(data['normals']),
+              '--heldout', str(data['mvtec']), *CLASS_MAP, *option])
+    assert e.value.code == 2 and message in capsys.readouterr().err

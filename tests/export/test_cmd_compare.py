@@ -93,6 +93,12 @@ def test_altered_file_is_caught_by_the_hash_check(tiny_bundle, foreign_decoder, 
     assert main(['compare', '--bundle', str(bundle)]) == 2
     err = capsys.readouterr().err
     assert 'decoder.onnx' in err and ('sha256' in err or 'bytes' in err)
+    # --json: scripts get a JSON report on stdout for this failure too
+    assert main(['compare', '--bundle', str(bundle), '--json']) == 2
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report['passed'] is False and report['bundle'] == str(bundle)
+    assert 'decoder.onnx' in report['error'] and report['error'] in out.err
 
 
 def test_unusable_bundles_exit_2(tiny_bundle, tmp_path, capsys):

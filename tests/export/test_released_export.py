@@ -83,3 +83,25 @@ def test_export_released_with_a_bad_checkpoint_leaves_nothing(released, tmp_path
     err = capsys.readouterr().err
     assert 'broken.pt' in err and 'image_decoder.fc.2.bias' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['broken.pt']
+
+
+@pytest.mark.parametrize('problem', ['truncated delta', 'out is not a bundle'])
+def test_export_released_checks_its_inputs_before_loading_anything(released, tmp_path, capsys, monkeypatch, problem):
+    from anomalygpt_edge.export import released as R
+    monkeypatch.setattr(R, 'load_released_vision', lambda *a, **k: pytest.fail('loaded before the inputs were checked'))
+    d, _ = released
+    pandagpt, out = d / 'pandagpt.pt', tmp_path / 'bundle'
+    if problem == 'truncated delta':
+        data = pandagpt.read_bytes()
+        pandagpt = tmp_path / 'cut.pt'
+        pandagpt.write_bytes(data[:len(data) // 2])
+    else:
+        out.mkdir()
+        (out / 'notes.txt').write_text('not a bundle')
+    rc = main(['export', 'released', '--config', 'tiny', '--imagebind', str(d / 'imagebind_huge.pth'),
+               '--anomalygpt', str(d / 'anomalygpt.pt'), '--pandagpt', str(pandagpt), '--vicuna', str(d / 'vicuna'),
+               '--out', str(out), '--quant', 'f32', '--overwrite'])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert ('cut.pt: truncated or corrupt' in err) if problem == 'truncated delta' else ('not a bundle' in err)
+    assert not out.exists() or (out / 'notes.txt').read_text() == 'not a bundle'

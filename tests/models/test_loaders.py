@@ -1,6 +1,7 @@
 """Loaders accept files in the released key layout and name the key when one is wrong."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,9 +108,20 @@ class Payload:
 def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path, capsys):
     with open(tmp_path / 'evil.pt', 'wb') as f:
         pickle.dump({'x': Payload()}, f)
-    with pytest.raises(CheckpointError, match='evil.pt.*not a plain state dict'):
-        read_state_dict(tmp_path / 'evil.pt')
+    torch.save({'x': Payload()}, tmp_path / 'evil-zip.pt')
+    for name in ('evil.pt', 'evil-zip.pt'):
+        with pytest.raises(CheckpointError, match=f'{name}: not a plain state dict') as e:
+            read_state_dict(tmp_path / name)
+        assert 'weights_only' not in str(e.value)          # no advice to load it unsafely
     assert 'code ran' not in capsys.readouterr().out
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / 'imagebind_huge.pth').write_bytes(np.random.default_rng(0).bytes(4096).replace(b'\x80', b'\x00'))
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(tmp_path / 'imagebind_huge.pth')
+    assert str(e.value) == f"{tmp_path / 'imagebind_huge.pth'}: not a PyTorch checkpoint (neither the zip nor the " \
+                           "legacy pickle format)"
 
 
 def test_truncated_and_empty_and_wrong_type(tmp_path):
@@ -137,13 +149,28 @@ def test_vicuna_dir_checks(tmp_path, tiny_tokenizer_dir, tiny_config):
     (d / 'config.json').write_text(json.dumps({'vocab_size': vocab}))
     (d / 'pytorch_model.bin.index.json').write_text(json.dumps(
         {'weight_map': {'a': 'pytorch_model-00001-of-00002.bin', 'b': 'pytorch_model-00002-of-00002.bin'}}))
-    (d / 'pytorch_model-00001-of-00002.bin').write_bytes(b'x')
+    torch.save({'a': torch.zeros(1)}, d / 'pytorch_model-00001-of-00002.bin')
     with pytest.raises(CheckpointError, match='pytorch_model-00002-of-00002.bin'):
         check_vicuna_dir(d, expected_vocab=vocab)
     (d / 'pytorch_model-00002-of-00002.bin').write_bytes(b'x')
+    with pytest.raises(CheckpointError, match='pytorch_model-00002-of-00002.bin: not a PyTorch checkpoint'):
+        check_vicuna_dir(d, expected_vocab=vocab)
+    torch.save({'b': torch.zeros(1)}, d / 'pytorch_model-00002-of-00002.bin')
     assert check_vicuna_dir(d, expected_vocab=vocab)['vocab_size'] == vocab
     (d / 'config.json').write_text(json.dumps({'vocab_size': vocab + 5}))
     with pytest.raises(CheckpointError, match='tokenizer.model.*do not match'):
         check_vicuna_dir(d, expected_vocab=None)
     with pytest.raises(CheckpointError, match='vocab_size is'):
         check_vicuna_dir(d, expected_vocab=32001)
+
+
+@pytest.mark.parametrize('content', [b'', b'\x08\x00\x00\x00\x00\x00\x00\x00{}'], ids=['empty', 'truncated'])
+def test_vicuna_dir_with_an_unreadable_safetensors_file_is_refused(tmp_path, tiny_tokenizer_dir, content):
+    import json
+    import shutil
+    d = tmp_path / 'vicuna'
+    shutil.copytree(tiny_tokenizer_dir, d)
+    (d / 'config.json').write_text(json.dumps({'vocab_size': None}))
+    (d / 'model.safetensors').write_bytes(content)
+    with pytest.raises(CheckpointError, match='model.safetensors: not a readable safetensors file'):
+        check_vicuna_dir(d, expected_vocab=None)

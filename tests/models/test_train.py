@@ -25,7 +25,7 @@ def test_train_resume_and_export(tmp_path):
     key = 'visual_encoder.modality_trunks.vision.blocks.0.mlp.fc1.weight'
     assert not torch.equal(first['model'][key], second['model'][key])
     final = load_checkpoint(work / 'final.pt')
-    assert set(final) >= {'model', 'text'}
+    assert set(final) >= {'model', 'text'} and final['config'] == 'tiny'
     # a stage's training time adds up over resumed runs
     assert second['seconds'] > first['seconds'] > 0
     assert final['minutes']['vision'] == pytest.approx(second['seconds'] / 60, abs=1e-3)
@@ -171,6 +171,70 @@ def test_export_only_records_the_settings_the_model_was_trained_with(tmp_path):
     assert packages['torch'].startswith(torch.__version__.split('+')[0])
     assert packages['opencv-python-headless'].startswith(cv2.__version__)
     assert source['environment']['cpu']
+
+
+def test_options_of_the_export_are_refused_before_the_training(tmp_path, capsys):
+    for flags, message in ((['--samples', '0'], '--samples: 0 is less than 1'),
+                           (['--threshold-images', '-1'], '--threshold-images: -1 is less than 0'),
+                           (['--quant', 'f32,bogus'], "--quant: unknown GGUF type 'bogus'")):
+        with pytest.raises(SystemExit) as e:
+            main(args(tmp_path / 'w', 1, 0) + ['--bundle', str(tmp_path / 'b'), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def trained_work(tmp_path, tiny_tokenizer_dir):
+    """A work directory with a final.pt of the tiny config (untrained weights: these tests only load it)."""
+    import shutil
+
+    from anomalygpt_edge.models.train import build_small, save_checkpoint
+    work = tmp_path / 'work'
+    shutil.copytree(tiny_tokenizer_dir, work / 'tokenizer')
+    model, text = build_small(work / 'tokenizer', 0, 'tiny')
+    save_checkpoint(work / 'final.pt', model=model.state_dict(), text=text.state_dict(), config='tiny')
+    return work
+
+
+def test_export_only_without_a_trained_model_says_what_to_run(tmp_path, capsys):
+    work = tmp_path / 'work'
+    assert main(['--work', str(work), '--config', 'tiny', '--export-only', '--bundle', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert f'{work / "final.pt"}: no trained model' in err and 'without --export-only' in err
+    assert 'Traceback' not in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('kind', ['folder', 'file'])
+def test_export_only_replaces_only_a_bundle(trained_work, tmp_path, capsys, kind):
+    work, out = trained_work, tmp_path / 'mine'
+    if kind == 'folder':
+        out.mkdir()
+        (out / 'keep.txt').write_text('mine')
+    else:
+        out.write_text('mine')
+    assert main(['--work', str(work), '--config', 'tiny', '--export-only', '--bundle', str(out),
+                 '--threshold-images', '0', '--no-verify']) == 2
+    err = capsys.readouterr().err
+    assert f'{out}: ' in err and 'refusing to replace it' in err
+    assert (out / 'keep.txt' if kind == 'folder' else out).read_text() == 'mine'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['mine', 'work']
+
+
+def test_export_only_with_another_config_names_both(trained_work, capsys):
+    from anomalygpt_edge.models.loaders import CheckpointError
+    from anomalygpt_edge.models.train import build_small, load_trained, save_checkpoint
+    work = trained_work
+    assert main(['--work', str(work), '--config', 'small', '--export-only']) == 2
+    err = capsys.readouterr().err
+    assert f'{work / "final.pt"}: trained with --config tiny, not small' in err and 'Traceback' not in err
+    # a checkpoint that does not record its config: the strict loader's error, in one line
+    state = load_checkpoint(work / 'final.pt')
+    save_checkpoint(work / 'final.pt', model=state['model'], text=state['text'])
+    small, small_text = build_small(work / 'tokenizer', 0, 'small')
+    with pytest.raises(CheckpointError) as e:
+        load_trained(work, small, small_text)
+    assert str(e.value).startswith(f"{work / 'final.pt'}: its weights do not fit the 'small' model (")
+    assert 'another --config' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_text_warm_up_parts_the_normal_and_abnormal_features_of_every_class(tiny_config):

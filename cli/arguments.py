@@ -1,0 +1,36 @@
+"""argparse types shared by the commands of every part: a bad number is a usage error (exit 2) at parse time,
+before any slow work. Imports nothing but argparse, so the device side may use it."""
+from __future__ import annotations
+
+import argparse
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def map_level(text: str) -> float:
+    """A level of the anomaly map, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1] (the map's range)")
+    return value
