@@ -13,6 +13,7 @@ flush to its smallest subnormal).
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -87,7 +88,15 @@ def to_fp16(model: onnx.ModelProto, work_dir, after_normalise: bool = False,
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + '.data', size_threshold=1024)
     onnx.load_external_data_for_model(model, str(work_dir))  # saving moved the caller's weights out
-    half = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(FP32_OPS),
-                                    node_block_list=sorted(block))
+    # its INFO log dumps whole node lists for each initializer an FP32 island shares with FP16 nodes (a random
+    # model's all-ones LayerNorm weights, deduplicated by the exporter): the export's own verification judges them
+    converter_log = logging.getLogger('onnxruntime.transformers.float16')
+    level = converter_log.level
+    converter_log.setLevel(max(level, logging.WARNING))
+    try:
+        half = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(FP32_OPS),
+                                        node_block_list=sorted(block))
+    finally:
+        converter_log.setLevel(level)
     OnnxModel.graph_topological_sort(half.graph)  # the converter appends its I/O casts at the end
     return half

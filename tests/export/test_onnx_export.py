@@ -4,6 +4,7 @@ Expected values are computed here from the model's methods (encode_image, zero_s
 few_shot_map, prompt_learner), never from the export wrappers.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -256,3 +257,12 @@ def test_decoder_sigmoid_keeps_its_saturated_tail_in_onnx_runtime(exported, tmp_
     assert len(np.unique(got[x < -18])) == (x < -18).sum()            # no ties in the tail
     ops = {n.op_type for n in onnx.load(str(exported[0] / 'decoder.onnx')).graph.node}
     assert 'Sigmoid' not in ops and {'Exp', 'Reciprocal'} <= ops       # the exported decoder uses this form
+
+
+def test_fp16_conversion_keeps_the_converters_node_dumps_out_of_the_log(exported, tmp_path, caplog):
+    from anomalygpt_edge.export.fp16 import to_fp16
+    out, _ = exported
+    with caplog.at_level(logging.INFO):
+        to_fp16(onnx.load(str(out / 'encoder.onnx')), tmp_path)
+    assert not [r for r in caplog.records if r.name.startswith('onnxruntime.transformers')]
+    assert logging.getLogger('onnxruntime.transformers.float16').level == logging.NOTSET   # restored
