@@ -395,17 +395,29 @@ def _schedule(opt, step: int, total: int, base_lr: float) -> None:
 
 def _batches(dataset, batch: int, seed: int, start: int = 0, workers: int = 1):
     """Endless deterministic batches of ``batch`` images: batch/2 (normal, simulated) pairs, as the
-    reference's collate; each epoch re-simulates the anomalies on the same normal images."""
+    reference's collate; each epoch re-simulates the anomalies on the same normal images. From ``start`` (a
+    resume), the batches an uninterrupted run would see from its step ``start`` on."""
     from torch.utils.data import DataLoader
     from .synthetic_dataset import collate_pairs
     pairs = max(1, batch // 2)
-    epoch = start * pairs // len(dataset)
+    epoch, skip = divmod(start, len(dataset) // pairs)
     while True:
         dataset.set_epoch(epoch)
-        g = torch.Generator().manual_seed(seed + epoch)
-        yield from DataLoader(dataset, batch_size=pairs, shuffle=True, generator=g, drop_last=True,
-                              collate_fn=collate_pairs, num_workers=workers, worker_init_fn=_background_worker)
-        epoch += 1
+        common = dict(batch_size=pairs, drop_last=True, collate_fn=collate_pairs, num_workers=workers,
+                      worker_init_fn=_background_worker, generator=torch.Generator().manual_seed(seed + epoch))
+        if skip:   # the rest of the epoch's order, without simulating the batches already trained on
+            yield from DataLoader(dataset, sampler=_epoch_order(len(dataset), seed + epoch)[skip * pairs:], **common)
+        else:
+            yield from DataLoader(dataset, shuffle=True, **common)
+        epoch, skip = epoch + 1, 0
+
+
+def _epoch_order(n: int, seed: int) -> list[int]:
+    """The order in which ``DataLoader(shuffle=True, generator=manual_seed(seed))`` visits ``n`` items: its iterator
+    draws the workers' base seed from the generator, then the sampler its permutation."""
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def _background_worker(_worker_id: int) -> None:

@@ -505,3 +505,40 @@ def test_the_loader_worker_simulates_at_a_lower_priority_than_the_training_step(
     batch = next(_batches(_Niceness(), 4, seed=0, workers=1))
     assert batch['images'].min().item() == 19   # made by the worker, at the lowest priority
     assert os.nice(0) == before                 # the training process keeps its own
+
+
+@pytest.mark.parametrize('start', [1, 3, 4, 6])
+def test_a_resume_sees_the_batches_an_uninterrupted_run_sees(start):
+    import itertools
+    from anomalygpt_edge.models.synthetic_dataset import SyntheticAnomalyDataset
+    from anomalygpt_edge.models.train import _batches
+
+    def run(from_step, n):   # 5 pairs of 2 a batch: 2 batches an epoch, the fifth pair dropped
+        batches = _batches(SyntheticAnomalyDataset(5, seed=2, categories=['washer']), 4, seed=7, start=from_step,
+                           workers=0)
+        return [b['images'] for b in itertools.islice(batches, n)]
+    whole = run(0, 8)
+    resumed = run(start, 8 - start)
+    assert len(resumed) == len(whole[start:])
+    for a, b in zip(whole[start:], resumed):
+        assert torch.equal(a, b)
+
+
+def test_an_interrupted_run_resumed_trains_the_weights_of_one_go(tmp_path, monkeypatch):
+    from anomalygpt_edge.models import train
+    assert main(args(tmp_path / 'whole', 4, 1)) == 0
+    save = train.save_checkpoint
+
+    def save_then_stop(path, **state):   # killed right after the step-2 checkpoint, mid-epoch
+        save(path, **state)
+        if path.name == 'vision.pt' and state.get('step') == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(tmp_path / 'resumed', 4, 1))
+    monkeypatch.setattr(train, 'save_checkpoint', save)
+    assert main(args(tmp_path / 'resumed', 4, 1)) == 0
+    whole, resumed = (load_checkpoint(tmp_path / d / 'vision.pt') for d in ('whole', 'resumed'))
+    assert resumed['step'] == whole['step'] == 4
+    assert whole['model'].keys() == resumed['model'].keys()
+    assert all(torch.equal(whole['model'][k], resumed['model'][k]) for k in whole['model'])
