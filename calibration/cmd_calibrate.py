@@ -32,8 +32,10 @@ def _folder_class(text: str) -> tuple[str, str]:
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest='what', metavar='WHAT', required=True)
     q = sub.add_parser('int8', help='INT8 Q/DQ encoder from normal images, kept only if it passes the accuracy gate')
-    q.add_argument('--bundle', required=True)
-    q.add_argument('--images', metavar='NORMAL_DIR', help='folder of normal images (calibration; not used by --method dynamic)')
+    q.add_argument('--bundle', required=True, help='bundle directory; gets <component>-int8.onnx if the gate passes')
+    q.add_argument('--images', metavar='NORMAL_DIR',
+                   help='folder of normal images (calibration; not used by --method dynamic); an unreadable image stops '
+                        'the calibration, naming it: a calibration set must be clean')
     q.add_argument('--heldout', required=True, metavar='MVTEC_ROOT',
                    help='held-out images in MVTec layout (<class>/test/good, <class>/test/<defect>, train/good)')
     q.add_argument('--method', choices=('minmax', 'entropy', 'percentile', 'dynamic'), default='minmax',
@@ -54,7 +56,8 @@ def add_arguments(p) -> None:
                         "allowed on any held-out image (default: %(default)s)")
     q.add_argument('--max-images', type=positive_int, default=256,
                    help='cap on calibration images (default: %(default)s)')
-    q.add_argument('--batch-size', type=positive_int, default=4)
+    q.add_argument('--batch-size', type=positive_int, default=4,
+                   help='images per calibration batch (default: %(default)s)')
     q.add_argument('--seed', type=int, default=0, help='shuffling seed (default: %(default)s)')
     q.add_argument('--recursive', action='store_true', help='take images from sub-folders of --images too')
     q.add_argument('--k-shot', type=non_negative_int, default=1,
@@ -68,25 +71,31 @@ def add_arguments(p) -> None:
     q.add_argument('--json', help='write the gate report here')
 
     t = sub.add_parser('threshold', help='per-class score threshold on normal images, for inspect --no-llm')
-    t.add_argument('--bundle', required=True)
-    t.add_argument('--images', required=True, metavar='NORMAL_DIR')
+    t.add_argument('--bundle', required=True, help="bundle directory; the threshold goes into its manifest's "
+                   "thresholds section (an atomic update)")
+    t.add_argument('--images', required=True, metavar='NORMAL_DIR',
+                   help='folder of normal images of the class; an unreadable image stops the calibration, naming it')
     t.add_argument('--class', dest='class_name', required=True, help="the bundle's class these images show")
     t.add_argument('--percentile', type=float, default=100.0,
                    help='threshold = this percentile of the normal scores (default: %(default)s = the maximum)')
     t.add_argument('--margin', type=float, default=0.0, help='added to the threshold (default: %(default)s)')
     t.add_argument('--reference', nargs='+', metavar='NORMAL_IMG', help='few-shot references: calibrates the k-shot mode')
-    t.add_argument('--max-images', type=positive_int)
+    t.add_argument('--max-images', type=positive_int, help='cap on normal images (default: all)')
     t.add_argument('--precision', default='fp32', help='vision precision to score with (default: %(default)s)')
-    t.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'tensorrt', 'auto'))
-    t.add_argument('--threads', type=int)
+    t.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'tensorrt', 'auto'),
+                   help='vision backend to score with (default: %(default)s)')
+    t.add_argument('--threads', type=positive_int, help='CPU threads for ONNX Runtime')
 
     g = sub.add_parser('trt-legacy', help='INT8 engine with TensorRT\'s implicit entropy calibrator (TensorRT < 10.1)')
-    g.add_argument('--bundle', required=True)
-    g.add_argument('--images', required=True, metavar='NORMAL_DIR')
-    g.add_argument('--max-images', type=positive_int, default=256)
-    g.add_argument('--batch-size', type=positive_int, default=4)
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--workspace', type=int, metavar='MB')
+    g.add_argument('--bundle', required=True, help='bundle directory (its FP32 encoder is calibrated)')
+    g.add_argument('--images', required=True, metavar='NORMAL_DIR',
+                   help='folder of normal images; an unreadable image stops the calibration, naming it')
+    g.add_argument('--max-images', type=positive_int, default=256,
+                   help='cap on calibration images (default: %(default)s)')
+    g.add_argument('--batch-size', type=positive_int, default=4, help='images per batch (default: %(default)s)')
+    g.add_argument('--seed', type=int, default=0, help='shuffling seed (default: %(default)s)')
+    g.add_argument('--workspace', type=positive_int, metavar='MB',
+                   help="TensorRT's builder workspace (default: TensorRT's own)")
     g.add_argument('--cache', help='calibration cache file (default: bundle/engines/<set>/encoder.calib)')
 
 
