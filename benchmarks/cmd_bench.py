@@ -13,35 +13,40 @@ from __future__ import annotations
 import shlex
 import sys
 
+from ..arguments import non_negative_int, positive_int
+
 
 def _list(text: str) -> tuple:
     return tuple(t.strip() for t in text.split(',') if t.strip())
 
 
 def add_arguments(p) -> None:
-    p.add_argument('--config', choices=('tiny', 'small', 'huge'), default='tiny')
+    p.add_argument('--config', choices=('tiny', 'small', 'huge'), default='tiny',
+                   help='model shapes, random weights: huge = the released model (ImageBind-Huge, Vicuna-7B width; '
+                        'the LLM fitted from --llm-layers) (default: %(default)s)')
     p.add_argument('--bundle', help="bundle directory to time (its graphs and GGUF files); 'small' and 'tiny' only")
     p.add_argument('--llm-layers', default='2,4', help='LLM depths to build and fit (comma list; default 2,4)')
     p.add_argument('--precisions', default='fp32',
                    help="vision graph precisions (fp32,fp16; int8 with --bundle, for a bundle's gated INT8 encoder)")
     p.add_argument('--quants', default='f16,q8_0,q4_k_m', help='GGUF types (f16,q8_0,q4_k_m,q4_0,f32)')
     p.add_argument('--baselines', default='fp32,bf16', help='PyTorch dtypes of the baseline (fp32,bf16)')
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=positive_int, default=2, help='CPU threads of every runner (default: %(default)s)')
     p.add_argument('--runs', type=int, default=5, help='measured runs per runner (after warm-up)')
     p.add_argument('--llm-runs', type=int, help='measured runs for the LLM (default: --runs)')
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--warmup', type=non_negative_int, default=1, help='unmeasured runs first (default: %(default)s)')
     p.add_argument('--decode-tokens', type=int, default=32, help='tokens decoded per run')
     p.add_argument('--answer-tokens', type=int, default=24, help='length of a whole answer (<= --decode-tokens)')
     p.add_argument('--prompt-positions', type=int,
                    help='stretch the prompt to this many positions (default: 100 for huge, else as tokenized)')
     p.add_argument('--image-size', type=int, default=1024, help='side of the square camera frame (default 1024)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-vision', action='store_true')
-    p.add_argument('--no-llm', action='store_true')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs (default: %(default)s)')
+    p.add_argument('--no-vision', action='store_true', help='time the LLM only')
+    p.add_argument('--no-llm', action='store_true', help='time the vision graphs only')
     p.add_argument('--work-dir', help='keep exported graphs here (default: a temporary directory, removed)')
-    p.add_argument('--json', required=True, metavar='PATH')
-    p.add_argument('--markdown', metavar='PATH')
-    p.add_argument('--plot', metavar='PATH')
+    p.add_argument('--json', required=True, metavar='PATH',
+                   help='the results, machine and options; rewritten after each phase')
+    p.add_argument('--markdown', metavar='PATH', help='also a markdown report')
+    p.add_argument('--plot', metavar='PATH', help='also a PNG chart of the stages (needs matplotlib)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import shlex
 import sys
 
+from ..arguments import positive_int
+
 
 def _list(text: str) -> tuple:
     return tuple(t.strip() for t in text.split(',') if t.strip())
@@ -21,9 +23,11 @@ def _list(text: str) -> tuple:
 
 def add_arguments(p) -> None:
     from .verdict import LLM_VARIANTS, MEMORY_VARIANTS, VISION_BASELINES, VISION_OURS
-    p.add_argument('--config', choices=('tiny', 'huge'), default='huge')
+    p.add_argument('--config', choices=('tiny', 'huge'), default='huge',
+                   help='model shapes, random weights: huge = the released model (default: %(default)s)')
     p.add_argument('--llm-layers', default='2,4', help='LLM depths to measure and fit (default: %(default)s)')
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=positive_int, default=2,
+                   help='CPU threads of every runner (default: %(default)s)')
     p.add_argument('--runs', type=int, default=6, help='measured runs per configuration (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=1, help='unmeasured runs at the start of each block (default: %(default)s)')
     p.add_argument('--rounds', type=int, default=2,
@@ -39,8 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument('--memory-variants', help='with --memory-only, separated by ";" (default: all of: '
                    + '; '.join(v.name for v in MEMORY_VARIANTS) + ')')
     p.add_argument('--work-dir', help='keep the exported graphs and GGUF files here (default: temporary)')
-    p.add_argument('--json', required=True, metavar='PATH')
-    p.add_argument('--markdown', metavar='PATH')
+    p.add_argument('--json', required=True, metavar='PATH', help='the results, machine and options')
+    p.add_argument('--markdown', metavar='PATH', help='also a markdown report')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..arguments import non_negative_int
+from ..arguments import non_negative_int, positive_int
 
 
 def add_arguments(p) -> None:
@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument('--no-llm', action='store_true', help='maps only: skip Yes/No and location accuracy')
     p.add_argument('--quant', help='GGUF type to load')
     p.add_argument('--precision', default='fp32', help='vision graph precision')
-    p.add_argument('--threads', type=int)
+    p.add_argument('--threads', type=positive_int, help='CPU threads for ONNX Runtime and llama.cpp')
     p.add_argument('--max-new-tokens', type=int, default=128, help='answer length limit (default 128)')
     p.add_argument('--json', metavar='PATH', help='write the full report (with every answer) here')
     p.add_argument('--reference', action='store_true',

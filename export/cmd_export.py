@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common(r, RELEASED_QUANTS)
 
     t = sub.add_parser('tiny', help='bundle from a seeded random tiny model')
-    t.add_argument('--seed', type=int, default=0)
+    t.add_argument('--seed', type=int, default=0, help='seed of the random weights (default: %(default)s)')
     common(t, 'f32,q8_0')
 
     lm = sub.add_parser('llm', help='(re)write the LLM files of an existing bundle')

@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
                    'the service answers 503 (default: %(default)s)')
     p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
     add_backend_arguments(p)
-    p.add_argument('--log-level', default='info', choices=('critical', 'error', 'warning', 'info', 'debug'))
+    p.add_argument('--log-level', default='info', choices=('critical', 'error', 'warning', 'info', 'debug'),
+                   help="the server's log level (default: %(default)s)")
 
 
 def run(args) -> int:
