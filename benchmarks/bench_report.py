@@ -23,6 +23,25 @@ def _atomic_write(path, write) -> Path:
     return path
 
 
+class OutputError(ValueError):
+    """An output path that a long run could not write at its end; the message names the option and the path."""
+    exit_code = 2  # bad input (cli.exit_code)
+
+
+def check_output(path, option: str) -> Path:
+    """Refuses, before the work, an output file that names a folder or whose folder cannot be made or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: a folder, not a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{option} {path}: its folder cannot be made ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"{option} {path}: its folder is not writable")
+    return path
+
+
 def _clean(o):
     """JSON has no inf/NaN and only string keys."""
     if isinstance(o, dict):

@@ -51,8 +51,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .bench_report import markdown, plot, save_report, write_json
+    from .bench_report import check_output, markdown, plot, save_report, write_json
     from .latency import BenchOptions, run_bench
+    for option, path in (('--json', args.json), ('--markdown', args.markdown), ('--plot', args.plot)):
+        if path:
+            check_output(path, option)
     if args.bundle and args.config == 'huge':
         print("anomalygpt-edge bench: --bundle is for tiny/small bundles; huge runs the real shapes with random weights",
               file=sys.stderr)

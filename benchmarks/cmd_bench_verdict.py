@@ -49,8 +49,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .bench_report import save_report, write_json
+    from .bench_report import check_output, save_report, write_json
     from .verdict import LLM_VARIANTS, MEMORY_VARIANTS, VerdictOptions, markdown, memory_markdown, run_memory, run_verdict
+    for option, path in (('--json', args.json), ('--markdown', args.markdown)):
+        if path:
+            check_output(path, option)
     try:
         layers = tuple(int(n) for n in _list(args.llm_layers))
     except ValueError:

@@ -44,9 +44,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..runtime.bundle import BundleError
     from ..runtime.pipeline import Pipeline
+    from .bench_report import check_output
     from .evaluate import evaluate, markdown, write_json
     class_map = dict(item.split('=', 1) for item in args.class_map)
     compare = bool(args.reference or args.reference_checkpoint or args.reference_tokenizer)
+    if args.json:
+        check_output(args.json, '--json')   # before an evaluation that can take hours
     data = Path(args.data)
     missing = [c for c in args.classes or [] if data.is_dir() and not (data / c / 'test').is_dir()]
     if missing:

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .bench_report import write_text
+
 HELD_OUT_SEED = 1000
 DEFECTS = ('scratch', 'stain', 'hole')
 SAMPLE_KINDS = DEFECTS[:2]   # the defect kinds of the demo samples
@@ -91,8 +93,9 @@ def main(argv=None) -> int:
                                         'runs': {k: v['mean'] for k, v in ablation['runs'].items()}})
     if args.history:
         results['history'] = Path(args.history).read_text().strip()
-    _atomic_write(out / 'results.json', json.dumps(results, indent=1))
-    _atomic_write(out / 'MODEL_CARD.md', model_card(results, json.loads((Path(args.bundle) / 'manifest.json').read_text())))
+    write_text(out / 'results.json', json.dumps(results, indent=1))
+    manifest = json.loads((Path(args.bundle) / 'manifest.json').read_text())
+    write_text(out / 'MODEL_CARD.md', model_card(results, manifest))
     return 0
 
 
@@ -143,12 +146,6 @@ def measure_bundle(args) -> dict:
     return results
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + '.partial')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_samples(pipe, root: Path, dst: Path, categories) -> dict:
     """Copy a normal and two defective held-out images per class as demo samples, and record what
     the bundle answers for each (the shipped-bundle test checks the bundle still says so)."""
@@ -167,7 +164,7 @@ def write_samples(pipe, root: Path, dst: Path, categories) -> dict:
             r = pipe.inspect(dst / name, class_name=cls)
             expected[name] = {'class': r.class_name, 'anomalous': kind != 'good', 'verdict': r.verdict,
                               'answer': r.answer, 'score': round(r.score, 4)}
-    _atomic_write(dst / 'expected.json', json.dumps(expected, indent=1))
+    write_text(dst / 'expected.json', json.dumps(expected, indent=1))
     return expected
 
 

@@ -233,8 +233,5 @@ def markdown(report: dict) -> str:
 
 
 def write_json(path, report: dict) -> None:
-    import os
-    path = Path(path)
-    tmp = path.with_name(path.name + '.partial')
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    from .bench_report import write_text
+    write_text(path, json.dumps(report, indent=1))

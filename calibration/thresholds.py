@@ -32,7 +32,12 @@ def threshold_entry(scores, percentile: float = 100.0, margin: float = 0.0, **fa
         raise CalibrationError("no normal images were scored")
     if not 0 < percentile <= 100:
         raise CalibrationError(f"percentile must be in (0, 100], not {percentile}")
-    value = float(np.percentile(scores, percentile)) + float(margin)
+    base = float(np.percentile(scores, percentile))
+    value = base + float(margin)
+    if not 0 < value <= 1:   # the map's range: below it every image is anomalous, above it none ever is
+        raise CalibrationError(f"threshold {value:.4g} (the normal scores' percentile {percentile:g}, {base:.4g}, "
+                               f"+ margin {margin:g}) is outside (0, 1], the anomaly map's range: choose another "
+                               "margin")
     return {'score': value, 'percentile': float(percentile), 'margin': float(margin), 'n_images': int(scores.size),
             'normal_scores': {'min': float(scores.min()), 'median': float(np.median(scores)),
                               'max': float(scores.max()), 'mean': float(scores.mean())},

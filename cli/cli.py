@@ -74,6 +74,11 @@ def main(argv=None) -> int:
             parser.print_help() if not argv else parser.parse_args(argv)
             return 0 if argv else 2
         parser.error(f"unknown command {command!r}")
+    with _sigterm_interrupts():
+        return _run(command, argv)
+
+
+def _run(command: str, argv: list[str]) -> int:
     module_name, help_ = SUBCOMMANDS[command]
     try:
         module = importlib.import_module(module_name)
@@ -82,9 +87,7 @@ def main(argv=None) -> int:
         module.add_arguments(parser)
         rest = argv[:]
         rest.remove(command)
-        args = parser.parse_args(rest)
-        with _sigterm_interrupts():
-            return int(module.run(args) or 0)
+        return int(module.run(parser.parse_args(rest)) or 0)
     except ModuleNotFoundError as e:
         package = (e.name or '').split('.')[0]
         if package not in OPTIONAL:

@@ -23,6 +23,8 @@ def build_tiny(tokenizer_dir, seed: int = 0, config: str = 'tiny'):
 def export_tiny(out_dir, seed: int = 0, precisions=('fp32',), quants=('f32',), overwrite: bool = False,
                 extra_classes=None, **kwargs) -> Path:
     from .bundle_export import write_bundle
+    from .bundle_writer import BundleWriter
+    BundleWriter(out_dir, overwrite=overwrite).check_target()   # before the tokenizer and model are built
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_sentencepiece(Path(tmp) / 'tokenizer', reference_corpus(), vocab_size=400)
         model, text = build_tiny(tok, seed)

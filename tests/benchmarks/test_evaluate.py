@@ -138,3 +138,14 @@ def test_eval_names_a_missing_class_folder_and_refuses_a_negative_k_shot(dataset
     with pytest.raises(SystemExit) as e:
         main(['eval', '--bundle', str(tiny_bundle), '--data', str(dataset), '--no-llm', '--k-shot', '-1'])
     assert e.value.code == 2 and '--k-shot: -1 is less than 0' in capsys.readouterr().err
+
+
+def test_eval_refuses_a_json_path_it_could_not_write_before_evaluating(dataset, tiny_bundle, tmp_path, capsys,
+                                                                      monkeypatch):
+    from anomalygpt_edge.benchmarks import evaluate
+    from anomalygpt_edge.cli import main
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: pytest.fail('evaluated before --json was checked'))
+    assert main(['eval', '--bundle', str(tiny_bundle), '--data', str(dataset), '--no-llm',
+                 '--json', str(tmp_path)]) == 2
+    assert f'--json {tmp_path}: a folder, not a file to write' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,15 @@ def test_entry_is_the_percentile_of_normal_scores():
     assert mode_key(0) == 'zero-shot' and mode_key(4) == '4-shot'
 
 
+@pytest.mark.parametrize('margin', [-1.0, 5.0, float('nan'), float('inf')])
+def test_a_threshold_outside_the_maps_range_is_refused(margin):
+    # at or below 0 every image would be anomalous, above 1 none ever; NaN would not even be JSON
+    from anomalygpt_edge.calibration.data_reader import CalibrationError
+    with pytest.raises(CalibrationError, match=r"outside \(0, 1\]"):
+        threshold_entry([0.1, 0.4], margin=margin)
+    assert threshold_entry([0.1, 0.4], margin=0.6)['score'] == pytest.approx(1.0)
+
+
 def test_cli_threshold_then_no_llm_verdicts(bundle_dir, mvtec, capsys):
     """Few-shot (the random-weight tiny model's zero-shot map carries no signal): normals under, clear
     defects (holes) over."""

@@ -32,3 +32,14 @@ def test_overwrite_refuses_a_folder_that_is_not_a_bundle(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f'{out}: a directory that is not a bundle' in err and 'Traceback' not in err
     assert [p.name for p in tmp_path.iterdir()] == ['mine'] and (out / 'keep.txt').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('overwrite', [[], ['--overwrite']])
+def test_a_taken_target_is_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys, overwrite):
+    from anomalygpt_edge.export import tiny
+    monkeypatch.setattr(tiny, 'train_sentencepiece', lambda *a, **k: pytest.fail('built before the target was checked'))
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'keep.txt').write_text('mine')
+    assert main(['export', 'tiny', '--out', str(out), *overwrite]) == 2
+    assert str(out) in capsys.readouterr().err and (out / 'keep.txt').read_text() == 'mine'
