@@ -1,8 +1,9 @@
 """argparse types shared by the commands of every part: a bad number is a usage error (exit 2) at parse time,
-before any slow work. Imports nothing but argparse, so the device side may use it."""
+before any slow work. Imports nothing but argparse and math, so the device side may use it."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -33,4 +34,15 @@ def map_level(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not in (0, 1] (the map's range)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number greater than 0")
     return value

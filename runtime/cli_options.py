@@ -30,7 +30,8 @@ def add_backend_arguments(p) -> None:
     p.add_argument('--n-ctx', type=positive_int, default=DEFAULT_N_CTX,
                    help='LLM context in positions: one question and its answer (default: %(default)s, the smallest '
                         'llama.cpp opens; the KV cache takes n_ctx x 0.5 MiB at Vicuna-7B size in f16, so a larger one '
-                        'costs memory; a prompt and answer that do not fit stop with "context full")')
+                        'costs memory; a prompt that does not fit stops with "context full", an answer that does '
+                        'not is cut at the end of the context)')
     p.add_argument('--kv-type', choices=('f16', 'q8_0'), default='f16',
                    help='LLM KV cache type: q8_0 halves it (needs flash attention, turned on; logits within ~3 %%) '
                         '(default: %(default)s)')

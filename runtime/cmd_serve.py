@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+from ..arguments import positive_float, positive_int
 from .cli_options import add_backend_arguments, add_bundle_argument
 
 
@@ -23,9 +24,11 @@ def add_arguments(p) -> None:
     add_bundle_argument(p)
     p.add_argument('--host', default='127.0.0.1', help='address to bind (default: %(default)s, this machine only)')
     p.add_argument('--port', type=int, default=8080, help='port (default: %(default)s)')
-    p.add_argument('--max-upload-mb', type=float, default=20.0, help='largest request body (default: %(default)s MB)')
-    p.add_argument('--max-pending', type=int, default=8, help='requests allowed to wait for the pipeline before '
-                   'the service answers 503 (default: %(default)s)')
+    p.add_argument('--max-upload-mb', type=positive_float, default=20.0,
+                   help='largest request body (default: %(default)s MB)')
+    p.add_argument('--max-pending', type=positive_int, default=8,
+                   help='requests allowed to wait while one is being inspected; one more is answered 503 '
+                        '(default: %(default)s)')
     p.add_argument('--no-llm', action='store_true', help='map, score and locations only (no LLM loaded)')
     add_backend_arguments(p)
     p.add_argument('--log-level', default='info', choices=('critical', 'error', 'warning', 'info', 'debug'),

@@ -26,8 +26,9 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
-from ..arguments import map_level
+from ..arguments import map_level, non_negative_int, positive_int
 from .cli_options import (add_backend_arguments, add_bundle_argument, add_question_arguments, few_shot_memory,
                           open_pipeline)
 
@@ -38,25 +39,30 @@ def add_arguments(p) -> None:
     add_bundle_argument(p)
     add_question_arguments(p)
     trig = p.add_mutually_exclusive_group()
-    trig.add_argument('--every', type=int, default=1, metavar='N', help='inspect every Nth frame (default: %(default)s)')
+    trig.add_argument('--every', type=positive_int, default=1, metavar='N',
+                      help='inspect every Nth frame (default: %(default)s)')
     trig.add_argument('--on-signal', action='store_true', help='inspect the next frame after each SIGUSR1 only')
     p.add_argument('--out', metavar='FILE', help='append the JSON lines to FILE (flushed per line) instead of stdout')
-    p.add_argument('--save-maps', metavar='DIR', help='write heatmap overlays of anomalous frames here')
+    p.add_argument('--save-maps', metavar='DIR', help='write heatmap overlays of anomalous frames here (made if '
+                   'missing), as <UTC start time>-<random>-frame-<index>-map.png, so runs never overwrite each other')
     p.add_argument('--threshold', type=map_level, default=0.5,
                    help='map level for location regions, and for "anomalous" with --no-llm, in (0, 1] '
                         '(default: %(default)s)')
-    p.add_argument('--queue-size', type=int, default=2, help='frames waiting for inspection (default: %(default)s)')
+    p.add_argument('--queue-size', type=positive_int, default=2,
+                   help='frames waiting for inspection (default: %(default)s)')
     p.add_argument('--overflow', choices=('auto', 'drop-oldest', 'wait'), default='auto',
                    help='when the queue is full: drop the oldest frame, or make the reader wait '
                         '(auto: drop for live sources, wait for files and folders)')
     p.add_argument('--loop', action='store_true', help='replay a video file or folder forever')
-    p.add_argument('--max-frames', type=int, metavar='N', help='stop after N inspected frames')
+    p.add_argument('--max-frames', type=positive_int, metavar='N',
+                   help='stop after N inspected frames (default: no limit)')
     p.add_argument('--reconnect-delay', type=float, default=0.5, metavar='S',
                    help='first wait before reopening a failed source; doubles per failure (default: %(default)s)')
     p.add_argument('--reconnect-max-delay', type=float, default=30.0, metavar='S',
                    help='longest wait between reopen attempts (default: %(default)s)')
-    p.add_argument('--max-retries', type=int, default=0, metavar='N',
-                   help='give up after N failed attempts in a row; 0 retries forever (default: %(default)s)')
+    p.add_argument('--max-retries', type=non_negative_int, default=0, metavar='N',
+                   help='reopen a failed source at most N times in a row, then give up (exit 2 when it never '
+                        'opened, 1 when it was lost); 0 retries forever (default: %(default)s)')
     add_backend_arguments(p)
 
 
@@ -113,12 +119,17 @@ def run(args) -> int:
         print(f"anomalygpt-edge watch: {msg}", file=sys.stderr)
         return 2
 
-    if args.every < 1 or args.queue_size < 1:
-        return fail("--every and --queue-size must be at least 1")
     try:
         source = open_source(args.source)
     except SourceError as e:
         return fail(e)
+    if args.save_maps:
+        try:
+            Path(args.save_maps).mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:
+            return fail(f"--save-maps {args.save_maps}: {e.filename} is a file, not a folder")
+        except OSError as e:
+            return fail(f"--save-maps {args.save_maps}: the folder cannot be made ({e.strerror}: {e.filename})")
     try:
         pipe = build_pipeline(args)
     except (BundleError, OSError, ValueError) as e:

@@ -11,6 +11,9 @@ _lock = threading.Lock()
 _lib = None
 _log_callback = None  # ctypes keeps only a weak link to the callback: hold it for the process lifetime
 _verbose = False
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level
+_errors: list[str] = []   # llama.cpp's error lines since clear_errors(), so a failure can say why without its log
+MAX_ERRORS = 16
 
 
 def lib():
@@ -25,6 +28,8 @@ def lib():
 
             @llama_cpp.llama_log_callback
             def _on_log(level, text, user_data):
+                if level == GGML_LOG_LEVEL_ERROR and text and len(_errors) < MAX_ERRORS:
+                    _errors.append(text.decode('utf-8', 'replace').strip())
                 if _verbose and text:
                     import sys
                     sys.stderr.write(text.decode('utf-8', 'replace'))
@@ -40,3 +45,13 @@ def set_verbose(verbose: bool) -> None:
     """llama.cpp's own log (loader, warnings) to stderr, or silenced (the default)."""
     global _verbose
     _verbose = bool(verbose)
+
+
+def clear_errors() -> None:
+    """Forget llama.cpp's error lines so far (before a call whose failure ``first_error`` is to explain)."""
+    _errors.clear()
+
+
+def first_error() -> str | None:
+    """The first error line llama.cpp logged since ``clear_errors``: the cause (later ones pass the failure up)."""
+    return next((e for e in _errors if e), None)

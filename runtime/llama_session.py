@@ -62,10 +62,11 @@ class LlamaSession:
 
         mparams = L.llama_model_default_params()
         mparams.use_extra_bufts = bool(repack)
+        llama_cpp_api.clear_errors()
         self._model = L.llama_model_load_from_file(os.fsencode(self.path), mparams)
         if not self._model:
             raise LlamaError(f"{self.path}: llama.cpp could not load the model (truncated, corrupt or "
-                             f"unsupported GGUF; pass verbose=True to see llama.cpp's reason)")
+                             f"unsupported GGUF): {llama_cpp_api.first_error() or 'llama.cpp logged no reason'}")
         threads = n_threads or max(1, os.cpu_count() or 1)
         cparams = L.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -283,7 +284,9 @@ class LlamaSession:
                  on_token: Callable[[int, str], bool | None] | None = None) -> tuple[list[int], str]:
         """Greedy continuation of what is in the cache. Stops once the generated text contains a
         ``stop`` string, when ``on_token(id, text_so_far)`` returns True, at EOS (neither evaluated nor
-        returned) or after ``max_new_tokens``. The last token returned is evaluated only when something
+        returned), after ``max_new_tokens``, or when the context is full: the next token would need the
+        last one evaluated and there is no position left for it, so the answer is cut there and returned
+        (no ``ContextFullError``). The last token returned is evaluated only when something
         asks for what follows it (``logits``, ``eval_*``, another ``generate``); until then ``n_past``
         and ``history`` do not count it, and ``truncate``/``reset`` drop it. So a verdict known from
         the token after "Yes" costs one decode step, not two. Returns (ids, raw generated text)."""
@@ -291,6 +294,8 @@ class LlamaSession:
         text = ''
         eos = self.eos_id
         for _ in range(max_new_tokens):
+            if self._pending is not None and self.n_past + 1 > self.n_ctx:
+                break
             nxt = int(np.argmax(self.logits()))  # evaluates the previous token first
             if nxt == eos:
                 break

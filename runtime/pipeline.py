@@ -67,8 +67,9 @@ class Result:
 
 PREFILL_MODES = ('one-batch', 'segments')
 # the AnomalyGPT prompt (~100 positions with Vicuna's tokenizer) and a 128-token answer fit in 256, the
-# smallest context llama.cpp opens; a longer one raises LlamaError 'context full ... n_ctx' naming the
-# size (the KV cache is written whole: 512 positions cost 128 MiB more at Vicuna-7B). chat asks for more
+# smallest context llama.cpp opens; a longer prompt raises LlamaError 'context full ... n_ctx' naming the
+# size, a longer answer is cut where the context ends (the KV cache is written whole: 512 positions cost
+# 128 MiB more at Vicuna-7B). chat asks for more
 DEFAULT_N_CTX = 256
 
 
@@ -129,7 +130,8 @@ class Pipeline:
         Runtime, 'int8' when the bundle has an INT8 graph (``calibrate int8`` adds an encoder or prompt
         learner one only after it passed the accuracy gate; the encoder 3.4x its FP32 speed on the VNNI
         CPU of benchmarks/README.md, the prompt learner a quarter of its memory): each graph then runs
-        INT8 when it has it, FP32 otherwise. Else 'fp32'. Any other value is returned as given."""
+        INT8 when it has it, FP32 otherwise. Else 'fp32'. Any other value is returned as given (an explicit
+        'int8' on ONNX Runtime needs an INT8 graph of at least one component: ``_runner`` refuses it otherwise)."""
         if precision != 'auto':
             return precision
         if backend in ('tensorrt', 'auto'):
@@ -155,8 +157,12 @@ class Pipeline:
             return TrtRunner(engine_for(self.bundle, name, precision, device), name=f'tensorrt:{name}')
         if backend != 'onnxruntime':
             raise BundleError(f"unknown backend {backend!r} (choose onnxruntime, tensorrt or auto)")
-        variants = self.bundle.manifest['components'].get(name, {})
+        components = self.bundle.manifest['components']
+        variants = components.get(name, {})
         if precision == 'int8' and 'int8' not in variants:
+            if not any('int8' in v for v in components.values()):
+                raise BundleError(f"{self.bundle.root}: precision 'int8', but no component of the bundle has an INT8 "
+                                  "graph (`anomalygpt-edge calibrate int8` makes one); use fp32 or auto")
             precision = 'fp32'  # INT8 is calibrated for the heavy graphs only; the rest run FP32
         entry = self.bundle.component(name, precision)
         path = self.bundle.path(entry['file'])

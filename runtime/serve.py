@@ -4,8 +4,9 @@
                   ``reference`` (normal images, repeatable: few-shot), ``heatmap=true`` (the overlay
                   PNG as base64), ``verdict_first=true``. -> the result as JSON.
                   413 body too large, 422 unusable image (message names it) or a missing field, 400 unknown
-                  class, both class and describe, or a question too long for the LLM context, 503 too many
-                  requests waiting, 500 inspection failed (the service keeps serving).
+                  class (an empty ``class`` too), both class and describe, or a question too long for the LLM
+                  context, 503 when ``max_pending`` requests already wait besides the one being inspected,
+                  500 inspection failed (the service keeps serving).
   GET  /health    bundle, backends, versions, ok
   GET  /metrics   request counts by outcome, latency percentiles
 
@@ -123,7 +124,8 @@ class BodyLimit:
 
 
 def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: int = MAX_PENDING, llm: bool = True):
-    from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+    """``max_pending``: requests allowed to wait while one is being inspected; one more gets 503."""
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.exception_handlers import request_validation_exception_handler
     from fastapi.responses import JSONResponse
@@ -133,8 +135,8 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
 
     metrics = Metrics()
     lock = threading.Lock()
-    waiting = {'n': 0}
-    waiting_lock = threading.Lock()
+    in_flight = {'n': 0}  # past the 503 check: the one being inspected and those waiting for it
+    in_flight_lock = threading.Lock()
     info = describe_pipeline(pipeline)
 
     app = FastAPI(title='AnomalyGPT Edge', description='Industrial anomaly inspection, offline.')
@@ -161,12 +163,18 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
         except ImageError as e:
             fail('bad_image', 422, str(e))
 
+    async def form_fields(request: Request):
+        return await request.form()  # parsed once and cached by the request
+
     @app.post('/inspect')
     def inspect(image: UploadFile = File(..., description='the image to inspect'),
                 class_name: str | None = Form(None, alias='class'), describe: str | None = Form(None),
                 question: str | None = Form(None), heatmap: bool = Form(False), verdict_first: bool = Form(False),
-                reference: list[UploadFile] | None = File(None, description='normal images (few-shot)')):
+                reference: list[UploadFile] | None = File(None, description='normal images (few-shot)'),
+                fields=Depends(form_fields)):
         t0 = time.perf_counter()
+        if class_name is None and fields.get('class') == '':
+            class_name = ''  # FastAPI reads an empty field as absent; an empty class is an unknown one
         if class_name is not None and describe is not None:
             fail('bad_request', 400, "give 'class' or 'describe', not both")
         rgb = decode(image, 'image')
@@ -175,12 +183,12 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
             pipeline.resolve_class(class_name, describe)
         except KeyError as e:
             fail('bad_request', 400, e.args[0])
-        with waiting_lock:
-            if waiting['n'] >= max_pending:
+        with in_flight_lock:
+            if in_flight['n'] > max_pending:
                 metrics.count('busy')
-                raise HTTPException(503, f'{max_pending} requests already waiting; retry later',
-                                    headers={'Retry-After': '1'})
-            waiting['n'] += 1
+                raise HTTPException(503, f'{max_pending} requests already waiting besides the one being inspected; '
+                                         'retry later', headers={'Retry-After': '1'})
+            in_flight['n'] += 1
         tq = time.perf_counter()
         try:
             with lock:
@@ -198,8 +206,8 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
                     fail('error', 500, f'inspection failed: {type(e).__name__}: {e}')
                 t2 = time.perf_counter()
         finally:
-            with waiting_lock:
-                waiting['n'] -= 1
+            with in_flight_lock:
+                in_flight['n'] -= 1
         out = res.to_dict()
         out['image'] = image.filename or out.get('image')
         out['anomalous'] = bool(res.verdict == 'yes' if res.verdict is not None else res.score >= 0.5)
@@ -221,9 +229,9 @@ def create_app(pipeline, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pending: 
 
     @app.get('/metrics')
     def get_metrics():
-        with waiting_lock:
-            in_flight = waiting['n']
-        return metrics.snapshot() | {'in_flight': in_flight}
+        with in_flight_lock:
+            n = in_flight['n']
+        return metrics.snapshot() | {'in_flight': n}
 
     return app
 

@@ -8,6 +8,8 @@ thread inspects them one at a time and emits one JSON-able dict per inspected fr
   what is inspected is always recent; finite sources (files, folders) wait instead by default.
 - A source that fails or ends (live) is reopened with exponential backoff; the inspection loop
   never stops for it. ``request_stop()`` (SIGINT/SIGTERM in the CLI) ends the run with a summary.
+- Overlays (``save_maps``) are named ``<run stamp>-frame-<index>-map.png``: the run stamp (UTC start time and
+  a random suffix) keeps a later run into the same folder from overwriting the maps earlier lines point at.
 
 The inspector is anything with ``inspect(rgb, **kw)`` returning an object with ``to_dict()``,
 ``verdict``, ``score`` and ``anomaly_map`` (Pipeline, or FakePipeline in tests).
@@ -18,6 +20,7 @@ import collections
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -112,6 +115,10 @@ class Watcher:
                  log: Callable[[str], None] = _stderr, join_timeout: float = 3.0):
         if every < 1:
             raise ValueError("--every must be at least 1")
+        if max_retries < 0:
+            raise ValueError("--max-retries must be at least 0 (0 retries forever)")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError("--max-frames must be at least 1")
         if reconnect_delay <= 0 or reconnect_max_delay < reconnect_delay:
             raise ValueError("reconnect delays must be positive and the maximum at least the initial delay")
         self.inspector, self.source, self.emit, self.log = inspector, source, emit, log
@@ -121,6 +128,7 @@ class Watcher:
         self.reconnect_delay, self.reconnect_max_delay, self.max_retries = reconnect_delay, reconnect_max_delay, max_retries
         self.max_frames = max_frames
         self.save_maps = Path(save_maps) if save_maps else None
+        self.run_stamp = ''  # set by run(); names the overlays
         self.threshold, self.join_timeout = threshold, join_timeout
         # counters: each is written by one thread only
         self.frames_read = self.skipped = self.bad_frames = self.disconnects = self.reconnects = 0
@@ -177,7 +185,7 @@ class Watcher:
                         if not src.live and not lost:
                             self._finish(f"source failed: {e}", 2)  # a file that never opened will not start to
                             return
-                        if not self._backoff(failures := failures + 1, e):
+                        if not self._backoff(failures := failures + 1, e, opened=lost):
                             return
                         continue
                 try:
@@ -220,13 +228,20 @@ class Watcher:
             src.close()
             self.queue.close()
 
-    def _backoff(self, attempt: int, error) -> bool:
+    def _backoff(self, attempt: int, error, opened: bool = True) -> bool:
+        """Wait before retry ``attempt`` (the failures in a row so far); False once ``max_retries`` retries
+        failed: exit code 2 for a source that never opened (bad input, as a missing file), 1 for one lost."""
         if self.max_retries and attempt > self.max_retries:
-            self.log(f"{error}; giving up after {self.max_retries} attempts")
-            self._finish(f"source lost: {error}", 1)
+            retries = f"{self.max_retries} {'retry' if self.max_retries == 1 else 'retries'}"
+            self.log(f"{error}; giving up after {retries}")
+            if opened:
+                self._finish(f"source lost: {error}", 1)
+            else:
+                self._finish(f"source failed: {error} (never opened; {retries})", 2)
             return False
         delay = backoff_delay(attempt, self.reconnect_delay, self.reconnect_max_delay)
-        self.log(f"{error}; reopening in {delay:.2f} s (attempt {attempt})")
+        of = f" of {self.max_retries}" if self.max_retries else ''
+        self.log(f"{error}; reopening in {delay:.2f} s (retry {attempt}{of})")
         self._stop.wait(delay)
         return not self._stop.is_set()
 
@@ -266,7 +281,7 @@ class Watcher:
     def _save_map(self, index: int, rgb, res) -> str | None:
         from .overlay import overlay, write_png
         try:
-            return str(write_png(self.save_maps / f'frame-{index:08d}-map.png',
+            return str(write_png(self.save_maps / f'{self.run_stamp}-frame-{index:08d}-map.png',
                                  overlay(rgb, res.anomaly_map, grid=res.token_grid, regions=res.regions)))
         except (OSError, ValueError) as e:
             self.errors += 1
@@ -277,6 +292,7 @@ class Watcher:
         """Run until the source ends, a stop is requested, max_frames are inspected or the source is
         lost for good. Emits and returns the summary; ``exit_code`` says how it ended."""
         self._t0 = time.perf_counter()
+        self.run_stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         thread = threading.Thread(target=self._capture, name='capture', daemon=True)
         thread.start()
         try:

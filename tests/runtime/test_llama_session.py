@@ -130,6 +130,25 @@ def test_generate_stops_and_keeps_the_cache(tiny_gguf_f32, prompt):
         assert more == free_ids[3:8]
 
 
+def test_generate_stops_when_the_context_is_full_and_returns_the_answer_so_far(tiny_gguf_f32, prompt):
+    ids, embeds = prompt
+    filler = [5] * (256 - len(ids) - len(embeds) - 5 - 3)
+    with LlamaSession(tiny_gguf_f32, n_ctx=512, exact=True) as s:
+        s.eval_tokens(filler)
+        run(s, ids, embeds)
+        free_ids, _ = s.generate(20, stop=())
+    with LlamaSession(tiny_gguf_f32, n_ctx=256, exact=True) as s:
+        s.eval_tokens(filler)
+        run(s, ids, embeds)
+        assert s.n_past == 253
+        got, text = s.generate(20, stop=())
+        # three positions left: three tokens evaluated, a fourth chosen from the last logits
+        assert got == free_ids[:4] and text == s.detokenize(got) and s.n_past == 256
+        assert s.generate(20, stop=()) == ([], '')
+        with pytest.raises(ContextFullError):
+            s.logits()  # what follows the fourth token has no room
+
+
 def test_generate_stops_at_eos_without_evaluating_it(tmp_path, tiny_gguf_f32, tiny_model, tiny_tokenizer_dir, prompt):
     from anomalygpt_edge.export.gguf_writer import LlamaHParams, load_spm_vocab, write_gguf
     from anomalygpt_edge.export.lora_merge import iter_merged_peft, merged_shapes
@@ -188,10 +207,11 @@ def test_missing_and_corrupt_files_are_named(tmp_path, tiny_gguf_f32):
         LlamaSession(tmp_path / 'text.gguf')
     data = tiny_gguf_f32.read_bytes()
     (tmp_path / 'half.gguf').write_bytes(data[: len(data) // 2])
-    with pytest.raises(LlamaError, match='half.gguf: llama.cpp could not load the model'):
+    with pytest.raises(LlamaError, match='half.gguf: llama.cpp could not load the model') as e:
         LlamaSession(tmp_path / 'half.gguf')
+    assert "data is not within the file bounds" in str(e.value)  # llama.cpp's reason, without its log
     (tmp_path / 'header.gguf').write_bytes(data[:64])
-    with pytest.raises(LlamaError, match='header.gguf'):
+    with pytest.raises(LlamaError, match='header.gguf: .*exceeds remaining file size'):
         LlamaSession(tmp_path / 'header.gguf')
 
 

@@ -101,6 +101,25 @@ def test_verdict_first_and_no_llm(pipeline, images):
     np.testing.assert_array_equal(bare.anomaly_map, full.anomaly_map)
 
 
+def test_a_question_that_leaves_little_room_gets_the_answer_cut_at_the_context_end(pipeline, reference, images):
+    from anomalygpt_edge.runtime.answers import parse_verdict
+    token, _, prompts = pipeline.vision(pipeline.load(images[0])[0], 'bottle')
+
+    def prompt_len(q):
+        return sum(len(seg[1]) for seg in pipeline.llm_segments(token, prompts, pipeline.prompt_text(q), None))
+    q, n_ctx = 'Is it scratched?', pipeline.session.n_ctx
+    while prompt_len(q + ' Is it scratched?') <= n_ctx - 3:
+        q += ' Is it scratched?'
+    room = n_ctx - prompt_len(q)
+    got = pipeline.inspect(images[0], class_name='bottle', question=q)
+    want = reference.inspect(reference_input(pipeline, images[0]), class_name='bottle', question=q)
+    # every position filled, then one more token chosen from the last logits
+    assert 3 <= room < len(want.answer_ids) - 1 and got.answer_ids == want.answer_ids[:room + 1]
+    assert got.answer and got.verdict == parse_verdict(got.answer) and pipeline.session.n_past == n_ctx
+    assert pipeline.inspect(images[0], class_name='bottle').answer_ids == \
+        reference.inspect(reference_input(pipeline, images[0]), class_name='bottle').answer_ids
+
+
 def test_bad_inputs_then_the_next_image_works(pipeline, images, tmp_path):
     cases = {'zero.png': b'', 'text.png': b'hello', 'trunc.jpg': cv2.imencode('.jpg', textured(0))[1].tobytes()[:500]}
     for name, data in cases.items():
@@ -120,6 +139,22 @@ def test_class_resolution_and_unknown_class(pipeline):
     assert pipeline.resolve_class(None, None) == 'object'
     with pytest.raises(KeyError, match='unknown class'):
         pipeline.resolve_class('spaceship', None)
+
+
+def test_int8_is_refused_without_any_int8_graph_and_falls_back_per_component_with_one(tiny_bundle, images):
+    import copy
+    from anomalygpt_edge.runtime.bundle import Bundle, BundleError
+    bundle = Bundle.open(tiny_bundle)
+    with pytest.raises(BundleError, match=r"precision 'int8'.*no component .* INT8 graph .*calibrate int8") as e:
+        Pipeline(bundle, precision='int8', llm=False)
+    assert str(tiny_bundle) in str(e.value)
+    assert Pipeline(bundle, precision='auto', llm=False).precision == 'fp32'
+    m = copy.deepcopy(bundle.manifest)
+    m['components']['prompt_learner']['int8'] = m['components']['prompt_learner']['fp32']  # as if calibrated
+    for precision in ('int8', 'auto'):
+        p = Pipeline(Bundle(bundle.root, m), precision=precision, llm=False)
+        assert p.precision == 'int8' and p.runners['encoder'].path.name == 'encoder.onnx'
+        assert p.inspect(images[0], class_name='bottle', llm=False).anomaly_map.shape == (224, 224)
 
 
 def test_memory_save_and_reload(pipeline, images, tmp_path):

@@ -69,6 +69,13 @@ def test_bad_inputs_get_clear_4xx_and_the_service_keeps_serving(service):
     assert m == {'ok': 1, 'bad_image': 3, 'bad_request': 1, 'invalid_request': 1, 'too_large': 0, 'busy': 0, 'error': 0}
 
 
+def test_an_empty_class_is_an_unknown_class(service):
+    _, client = service
+    r = post(client, **{'class': ''})
+    assert r.status_code == 400 and r.json()['detail'].startswith("unknown class ''"), r.text
+    assert post(client, **{'class': 'bottle'}).json()['class'] == 'bottle'
+
+
 def test_conflicting_or_missing_fields_are_named(service):
     _, client = service
     r = post(client, **{'class': 'bottle', 'describe': 'A round bottle.'})
@@ -132,24 +139,29 @@ def test_concurrent_requests_are_serialised(service):
     assert max(m['latency_ms']['queue']['max'], 0) > 40  # someone waited for the pipeline
 
 
-def test_too_many_waiting_requests_get_503():
+def test_max_pending_counts_the_requests_waiting_besides_the_one_inspected():
     pipe = FakePipeline(delay=0.5)
-    with BackgroundServer(create_app(pipe, max_pending=1)) as server:
+    with BackgroundServer(create_app(pipe, max_pending=1)) as server, httpx.Client(base_url=server.url) as client:
         codes = []
 
         def one():
-            codes.append(httpx.post(server.url + '/inspect', files={'image': ('a.png', png(), 'image/png')},
-                                    timeout=30).status_code)
-        first = threading.Thread(target=one)
-        first.start()
-        deadline = time.monotonic() + 5
-        while pipe._inside.acquire(blocking=False):  # wait until the first request is being inspected
-            pipe._inside.release()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        one()
-        first.join(10)
-    assert sorted(codes) == [200, 503]
+            codes.append(post(client).status_code)
+
+        def wait_for(in_flight):
+            deadline = time.monotonic() + 5
+            while client.get('/metrics').json()['in_flight'] < in_flight:
+                assert time.monotonic() < deadline, f"{in_flight} requests never got past the 503 check: {codes}"
+                time.sleep(0.01)
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        threads[0].start()
+        wait_for(1)  # the first is being inspected
+        threads[1].start()
+        wait_for(2)  # the second waits for it
+        r = post(client)
+        assert r.status_code == 503 and r.json()['detail'].startswith('1 requests already waiting besides the one')
+        for t in threads:
+            t.join(10)
+    assert codes == [200, 200] and pipe.violations == 0
 
 
 def test_health(service):
@@ -170,6 +182,17 @@ def test_binds_loopback_by_default():
     assert not is_loopback('0.0.0.0') and not is_loopback('192.168.1.20')
     with pytest.raises(ValueError):
         BackgroundServer(None, host='0.0.0.0')
+
+
+@pytest.mark.parametrize('option', [('--max-pending', '0'), ('--max-upload-mb', '0'), ('--max-upload-mb', '-1'),
+                                    ('--max-upload-mb', 'nan')])
+def test_limits_that_would_refuse_every_request_are_usage_errors(option, capsys, monkeypatch):
+    from anomalygpt_edge.cli import main
+    from anomalygpt_edge.runtime import serve
+    monkeypatch.setattr(serve, 'serve', lambda *a, **k: None)  # accepted by mistake: return, do not serve
+    with pytest.raises(SystemExit) as e:
+        main(['serve', '--fake-pipeline', '0', *option])
+    assert e.value.code == 2 and f'argument {option[0]}' in capsys.readouterr().err
 
 
 def test_runtime_imports_without_fastapi_and_serve_says_what_to_install():

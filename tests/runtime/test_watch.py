@@ -172,6 +172,20 @@ def test_live_source_lost_for_good_gives_up_after_max_retries():
     assert src.opens == 1 + 3
 
 
+def test_max_retries_counts_the_reopens_and_a_source_that_never_opened_is_bad_input():
+    class NeverOpens(ListSource):
+        def open(self):
+            self.opens += 1
+            raise SourceError(f"{self.name}: cannot be opened (no such camera, or it is in use)")
+    src, log = NeverOpens(3, live=True), []
+    w = Watcher(FakePipeline(), src, Recorder(), reconnect_delay=0.01, reconnect_max_delay=0.02, max_retries=2,
+                log=log.append)
+    s = w.run()
+    assert src.opens == 1 + 2 and log[-1].endswith('giving up after 2 retries'), log
+    assert [m.split('(')[-1] for m in log[:-1]] == ['retry 1 of 2)', 'retry 2 of 2)']
+    assert w.exit_code == 2 and s['stopped'].startswith('source failed: list source: cannot be opened')
+
+
 def test_finite_source_that_never_opens_fails_at_once():
     class Unopenable(ListSource):
         def open(self):
@@ -260,9 +274,41 @@ def test_cli_folder_out_file_and_overlays_for_anomalous_frames_only(tmp_path, ca
     frames, summary = parse('\n'.join(lines[1:]))
     assert [f['anomalous'] for f in frames] == [False, True, False, False, True, False]
     assert frames[1]['image'].endswith('01.png') and frames[1]['locations'] == ['top right']
-    assert sorted(p.name for p in maps.iterdir()) == ['frame-00000001-map.png', 'frame-00000004-map.png']
+    names = sorted(p.name for p in maps.iterdir())
+    assert [n[n.index('-frame-'):] for n in names] == ['-frame-00000001-map.png', '-frame-00000004-map.png']
+    assert [os.path.basename(f['map']) for f in frames if 'map' in f] == names
     assert cv2.imread(frames[4]['map']).shape == (32, 32, 3)
     assert summary['anomalous'] == 2
+
+
+def test_cli_a_second_run_into_the_same_maps_folder_keeps_the_first_runs_maps(tmp_path, capsys):
+    imgs, maps, out = tmp_path / 'imgs', tmp_path / 'maps', tmp_path / 'results.jsonl'
+    imgs.mkdir()
+    cv2.imwrite(str(imgs / 'a.png'), frame(40, defect=True))
+    for _ in range(2):
+        assert main(['watch', '--fake-pipeline', '0', '--source', str(imgs), '--out', str(out),
+                     '--save-maps', str(maps)]) == 0
+    paths = [json.loads(ln)['map'] for ln in out.read_text().splitlines() if '"frame"' in ln]
+    assert len(set(paths)) == 2 and sorted(map(str, maps.iterdir())) == sorted(paths)
+    assert all(os.path.basename(p)[:8].isdigit() and 'Z-' in p for p in paths)  # UTC start time first
+
+
+def test_cli_save_maps_in_place_of_a_file_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / 'maps').write_text('a file, not a folder')
+    cv2.imwrite(str(tmp_path / 'a.png'), frame(40, defect=True))
+    assert main(['watch', '--fake-pipeline', '0', '--source', str(tmp_path / 'a.png'),
+                 '--save-maps', str(tmp_path / 'maps')]) == 2
+    out, err = capsys.readouterr()
+    assert out == '' and f"--save-maps {tmp_path / 'maps'}: {tmp_path / 'maps'} is a file, not a folder" in err
+
+
+@pytest.mark.parametrize('option', [('--max-retries', '-1'), ('--max-frames', '0'), ('--max-frames', '-1'),
+                                    ('--every', '0'), ('--queue-size', '0')])
+def test_cli_out_of_range_counts_are_refused_at_parse_time(option, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'a.png'), frame(40))
+    with pytest.raises(SystemExit) as e:
+        main(['watch', '--fake-pipeline', '0', '--source', str(tmp_path / 'a.png'), *option])
+    assert e.value.code == 2 and f'argument {option[0]}' in capsys.readouterr().err
 
 
 def test_cli_unknown_class_and_missing_source(tmp_path, capsys):
