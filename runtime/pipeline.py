@@ -6,6 +6,7 @@ words) comes from the bundle's manifest.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ import numpy as np
 
 from .answers import parse_verdict, region_words, regions, verdict_known
 from .bundle import Bundle, BundleError
-from .preprocess import ImageError, load_image, decode_image, preprocess
+from .preprocess import ImageError, checked_size, decode_image, load_image, preprocess
+from .runners import RunnerError
 
 
 @dataclass
@@ -85,7 +87,10 @@ class _Timer:
 
 
 class Pipeline:
-    """``Pipeline.from_bundle(path).inspect(image, class_name=...)``."""
+    """``Pipeline.from_bundle(path).inspect(image, class_name=...)``.
+
+    One pipeline may serve several threads: the vision graphs run side by side, the LLM (one llama.cpp context
+    and its KV cache) one call at a time. After ``close()`` (or the ``with`` block) it refuses to run."""
 
     def __init__(self, bundle: Bundle, precision: str = 'auto', backend: str = 'onnxruntime',
                  llm: bool = True, quant: str | None = None, threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
@@ -98,6 +103,11 @@ class Pipeline:
         cache's type ('q8_0' halves it; ``LlamaSession``)."""
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
+        for name, value in (('threads', threads), ('n_ctx', n_ctx), ('max_new_tokens', max_new_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        self.closed = False
+        self._llm_lock = threading.Lock()
         self.one_batch_prefill = prefill == 'one-batch'
         self.bundle = bundle
         m = bundle.manifest
@@ -122,6 +132,8 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, verify_hashes: bool = False, **kwargs) -> "Pipeline":
+        """The pipeline of the bundle directory ``path`` (``verify_hashes``: every file's sha256 checked first, else
+        only sizes); ``kwargs`` as ``Pipeline(...)``."""
         return cls(Bundle.open(path, verify_hashes=verify_hashes), **kwargs)
 
     # -- construction -------------------------------------------------------------------------
@@ -183,9 +195,16 @@ class Pipeline:
                             n_threads_batch=threads, exact=exact, repack=repack, kv_type=kv_type)
 
     def close(self):
+        """Frees the LLM; the pipeline refuses to run afterwards."""
+        self.closed = True
         if self.session is not None:
-            self.session.close()
-            self.session = None
+            with self._llm_lock:
+                self.session.close()
+                self.session = None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the pipeline is closed (used after close() or its with block)")
 
     def __enter__(self):
         return self
@@ -204,11 +223,14 @@ class Pipeline:
             rgb, name = np.asarray(image), '<array>'
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ImageError(f"{name}: expected an RGB uint8 array [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
+            checked_size(rgb, name)
         x = preprocess(rgb, self.pre['mean'], self.pre['std'], self.pre['size'], mode or self.resize_mode)
         return x, name, rgb.shape[:2]
 
     def resolve_class(self, class_name: str | None, describe: str | None) -> str:
-        """An explicit class, else the reference's first-substring match over the bundle's classes."""
+        """An explicit class, else the reference's first-substring match over the bundle's classes (in the
+        manifest's order, the reference's classes first: a description of 'wood grain' names 'wood'; give the
+        class to be sure). KeyError for an unknown class."""
         if class_name is not None:
             key = class_name.replace('_', ' ')
             if key not in self.classes:
@@ -230,6 +252,8 @@ class Pipeline:
 
     def memory(self, references, mode: str = 'center_crop') -> np.ndarray:
         """Normal memory [4, k*256, C] from reference images (the reference encodes them centre-cropped)."""
+        if isinstance(references, (str, bytes, os.PathLike)):
+            references = [references]   # one image, not a sequence of characters
         refs = [r if isinstance(r, np.ndarray) and r.ndim == 4 else self.load(r, mode)[0] for r in references]
         if not refs:
             raise ValueError("few-shot needs at least one normal reference image")
@@ -262,9 +286,24 @@ class Pipeline:
             except (KeyError, ValueError, OSError, zipfile.BadZipFile):
                 raise not_memory from None
 
+    @staticmethod
+    def check_memory(memory) -> np.ndarray:
+        """A few-shot memory as ``memory()`` or ``load_memory`` gives it, [4, M, C] float32 with M > 0 and every
+        value finite (an empty or NaN memory makes a NaN map, and NaN prompts would spoil the LLM's cache);
+        ValueError naming the problem."""
+        memory = np.asarray(memory, dtype=np.float32)
+        if memory.ndim != 3 or memory.shape[1] == 0:
+            raise ValueError(f"a few-shot memory is [4, M, C] with M > 0 rows, got {list(memory.shape)}")
+        if not np.isfinite(memory).all():
+            raise ValueError("the few-shot memory has non-finite values (NaN or inf)")
+        return memory
+
     def vision(self, x: np.ndarray, class_name: str, memory: np.ndarray | None = None, timings=None):
         """-> (image_token [B,1,D], anomaly map [B,1,224,224], prompts [B,18,D])."""
+        self._check_open()
         timings = {} if timings is None else timings
+        if memory is not None:
+            memory = self.check_memory(memory)
         with _Timer(timings, 'encoder'):
             token, taps = self.encode(x)
         with _Timer(timings, 'decoder'):
@@ -322,6 +361,7 @@ class Pipeline:
         self._kv_keys = wanted
 
     def llm_segments(self, token: np.ndarray, prompts: np.ndarray, prompt_text: str, key) -> list:
+        self._check_open()
         s, p = self.session, self.prompt
         return [('tokens', [s.bos_id] + s.tokenize(p['start'])),
                 ('embeds', token.reshape(-1, token.shape[-1]), ('img', key)),
@@ -330,6 +370,16 @@ class Pipeline:
                 ('tokens', s.tokenize(prompt_text + p['assistant']))]
 
     def answer(self, segments, verdict_first: bool = False, timings=None):
+        """(answer ids, answer text) for ``llm_segments``; one call at a time per pipeline."""
+        if any(seg[0] == 'embeds' and not np.isfinite(seg[1]).all() for seg in segments):
+            raise RunnerError("the vision graphs gave non-finite embeddings (NaN or inf); nothing was given to the LLM")
+        with self._llm_lock:
+            self._check_open()
+            if self.session is None:
+                raise BundleError("this needs the LLM; the pipeline was built without it (llm=False)")
+            return self._answer(segments, verdict_first, timings)
+
+    def _answer(self, segments, verdict_first: bool, timings):
         timings = {} if timings is None else timings
         with _Timer(timings, 'llm_prefill'):
             self._feed(segments)
@@ -364,6 +414,15 @@ class Pipeline:
     def inspect(self, image, class_name: str | None = None, describe: str | None = None, question: str | None = None,
                 references=None, memory: np.ndarray | None = None, llm: bool = True, verdict_first: bool = False,
                 threshold: float = 0.5) -> Result:
+        """The main job: ``image`` (a path, encoded bytes or an RGB uint8 array [H,W,3]) -> Result.
+
+        ``class_name`` (else the class named in ``describe``/``question``, see ``resolve_class``) picks the text
+        features of the zero-shot map; ``references`` (normal images) or ``memory`` (``memory()``/``load_memory``)
+        make it few-shot. ``llm=False``: the map, score and regions only (a verdict only from a calibrated
+        threshold); ``verdict_first``: generation stops once Yes/No is known (the answer is then cut there).
+        ``threshold``: the map level in (0, 1] above which regions are reported (not the verdict's threshold).
+        ImageError for a bad image, KeyError for an unknown class."""
+        self._check_open()
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
         with _Timer(timings, 'preprocess'):
@@ -372,6 +431,8 @@ class Pipeline:
         if references is not None and memory is None:
             with _Timer(timings, 'memory'):
                 memory = self.memory(references)
+        if memory is not None:
+            memory = self.check_memory(memory)
         token, amap, prompts = self.vision(x, cls, memory, timings)
         m = amap[0, 0]
         verdict = answer = source = map_verdict = None
@@ -396,6 +457,8 @@ class Pipeline:
                       map_verdict=map_verdict, token_grid=self.token_grid)
 
     def chat(self, image, **kwargs) -> "Chat":
+        """A multi-turn ``Chat`` about ``image`` (``class_name``, ``describe``, ``references``, ``memory`` as for
+        ``inspect``); the whole conversation must fit ``n_ctx``."""
         return Chat(self, image, **kwargs)
 
 
@@ -404,6 +467,7 @@ class Chat:
     (the prompt is the reference's full history format, so answers equal a full re-prefill)."""
 
     def __init__(self, pipeline: Pipeline, image, class_name=None, describe=None, references=None, memory=None):
+        pipeline._check_open()
         if pipeline.session is None:
             raise BundleError("chat needs the LLM; the pipeline was built without it")
         self.p = pipeline
@@ -421,6 +485,7 @@ class Chat:
         return float(self.amap.max())
 
     def ask(self, question: str | None = None) -> str:
+        """The answer to ``question`` (None: the default anomaly question) after the turns so far."""
         if question is None:
             question = self.p.question(self.class_name, self.describe, None)
         text = self.p.prompt_text(question, self.history)

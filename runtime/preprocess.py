@@ -75,7 +75,7 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     if data[:3] == b'\xff\xd8\xff':
         img = _decode_jpeg(data, name)
         if img is not None:
-            return _checked_size(img, name)
+            return checked_size(img, name)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{name}: not a decodable image (corrupt, or not an image format OpenCV reads)")
@@ -89,10 +89,11 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped, as PIL's convert('RGB')
     else:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return _checked_size(img, name)
+    return checked_size(img, name)
 
 
-def _checked_size(img: np.ndarray, name: str) -> np.ndarray:
+def checked_size(img: np.ndarray, name: str) -> np.ndarray:
+    """``img`` if both its sides are at least MIN_SIDE pixels, else ImageError."""
     h, w = img.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ImageError(f"{name}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")

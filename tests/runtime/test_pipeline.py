@@ -180,3 +180,74 @@ def test_segment_prefill_gives_the_same_answers(tiny_bundle, pipeline, images):
             np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     with pytest.raises(ValueError, match='prefill must be one of'):
         Pipeline.from_bundle(tiny_bundle, llm=False, prefill='all-at-once')
+
+
+def test_two_threads_on_one_pipeline_get_the_answers_of_one(tmp_path):
+    # the LLM (one llama.cpp context) is shared: unserialised, two threads crashed the process
+    import subprocess
+    import sys
+    from pathlib import Path
+    demo = Path(__file__).resolve().parents[2] / 'runtime' / 'demo'
+    script = tmp_path / 'threads.py'
+    script.write_text(f'''
+import json, sys, threading
+from pathlib import Path
+from anomalygpt_edge.runtime.pipeline import Pipeline
+demo = Path({str(demo)!r})
+jobs = [(p, p.name.rsplit('-', 1)[0]) for p in sorted((demo / 'samples').glob('*.png'))[:6]]
+with Pipeline.from_bundle(demo / 'bundle', threads=1) as pipe:
+    alone = [pipe.inspect(p, class_name=c).answer for p, c in jobs]
+    together = [None] * len(jobs)
+    def work(k):
+        for i in range(k, len(jobs), 2):
+            together[i] = pipe.inspect(jobs[i][0], class_name=jobs[i][1]).answer
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+print(json.dumps([alone, together]))
+''')
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+    alone, together = json.loads(out.stdout.strip().splitlines()[-1])
+    assert together == alone and all(alone)
+
+
+@pytest.mark.parametrize('memory', [np.zeros((4, 0, 8), np.float32), np.full((4, 256, 8), np.nan, np.float32)])
+def test_an_unusable_memory_is_refused_and_spoils_nothing(pipeline, images, memory):
+    before = pipeline.inspect(images[1], class_name='bottle')
+    with pytest.raises(ValueError, match='few-shot memory'):
+        pipeline.inspect(images[0], class_name='bottle', memory=memory)
+    after = pipeline.inspect(images[1], class_name='bottle')
+    assert after.answer == before.answer and after.score == before.score
+
+
+def test_non_finite_embeddings_never_reach_the_llm(pipeline, images):
+    from anomalygpt_edge.runtime.runners import RunnerError
+    before = pipeline.inspect(images[2], class_name='bottle')
+    keys = list(pipeline._kv_keys)
+    x, _, _ = pipeline.load(images[2])
+    token, _, prompts = pipeline.vision(x, 'bottle')
+    prompts = prompts.copy()
+    prompts[0, 3, 0] = np.nan
+    with pytest.raises(RunnerError, match='non-finite'):
+        pipeline.answer(pipeline.llm_segments(token, prompts, 'Is there any anomaly?', object()))
+    assert pipeline._kv_keys == keys
+    assert pipeline.inspect(images[2], class_name='bottle').answer == before.answer
+
+
+def test_a_tiny_array_is_refused_like_a_tiny_file(pipeline):
+    for shape in [(1, 1, 3), (0, 0, 3), (15, 200, 3)]:
+        with pytest.raises(ImageError, match='at least 16x16'):
+            pipeline.inspect(np.zeros(shape, np.uint8), class_name='bottle')
+
+
+def test_a_closed_pipeline_refuses_to_run(tiny_bundle, images):
+    with Pipeline.from_bundle(tiny_bundle, max_new_tokens=4, threads=1) as p:
+        chat = p.chat(images[0], class_name='bottle')
+    for call in (lambda: p.inspect(images[0], class_name='bottle'), chat.ask,
+                 lambda: p.chat(images[0], class_name='bottle')):
+        with pytest.raises(RuntimeError, match='closed'):
+            call()
+    with pytest.raises(ValueError, match='threads must be at least 1'):
+        Pipeline.from_bundle(tiny_bundle, threads=0)
