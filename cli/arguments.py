@@ -6,11 +6,19 @@ import argparse
 import math
 
 
-def _int_at_least(text: str, low: int) -> int:
+def number(text: str, kind=float):
+    """``text`` as an int or a finite float, else the usage error that says which was expected."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a finite number'}")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    value = number(text, int)
     if value < low:
         raise argparse.ArgumentTypeError(f"{value} is less than {low}")
     return value
@@ -28,10 +36,7 @@ def non_negative_int(text: str) -> int:
 
 def map_level(text: str) -> float:
     """A level of the anomaly map, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not in (0, 1] (the map's range)")
     return value
@@ -39,10 +44,7 @@ def map_level(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number greater than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number greater than 0")
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not greater than 0")
     return value

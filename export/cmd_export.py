@@ -42,11 +42,9 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def _opset(text: str) -> int:
+    from ..arguments import number
     from .onnx_export import MAX_OPSET, MIN_OPSET
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = number(text, int)
     if not MIN_OPSET <= value <= MAX_OPSET:
         raise argparse.ArgumentTypeError(f"opset {value} is not supported: the exporter writes {MIN_OPSET}-{MAX_OPSET}")
     return value
