@@ -15,7 +15,7 @@ import numpy as np
 
 from .answers import region_words, regions
 from .pipeline import Pipeline, Result
-from .preprocess import ImageError, decode_image, load_image
+from .preprocess import ImageError, decode_image, load_image, to_rgb8
 
 LOCATION_WORDS = [['top left', 'top', 'top right'], ['left', 'center', 'right'],
                   ['bottom left', 'bottom', 'bottom right']]
@@ -57,13 +57,10 @@ class FakePipeline:
             return decode_image(bytes(image)), '<bytes>'
         if isinstance(image, (str, Path)):
             return load_image(image), str(image)
-        rgb = np.asarray(image)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ImageError(f"<array>: expected an RGB uint8 array [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
-        return rgb, '<array>'
+        return to_rgb8(image), '<array>'
 
     def inspect(self, image, class_name=None, describe=None, question=None, references=None, memory=None,
-                llm=True, verdict_first=False, threshold=0.5) -> Result:
+                llm=True, verdict_first=False, threshold=0.5, label=None) -> Result:
         if not self._inside.acquire(blocking=False):
             self.violations += 1
             raise ConcurrentUseError("FakePipeline.inspect entered by two threads at once")
@@ -85,8 +82,8 @@ class FakePipeline:
                           else 'No, there is no anomaly in the image.')
             self.calls += 1
             found = regions(amap, LOCATION_WORDS, threshold)
-            return Result(image=name, class_name=cls, score=score, anomaly_map=amap, regions=found,
-                          locations=region_words(found), verdict=verdict, answer=answer,
+            return Result(image=name if label is None else label, class_name=cls, score=score, anomaly_map=amap,
+                          regions=found, locations=region_words(found), verdict=verdict, answer=answer,
                           timings_ms={'total': (time.perf_counter() - t0) * 1e3}, original_size=rgb.shape[:2],
                           few_shot=memory is not None)
         finally:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .answers import parse_verdict, region_words, regions, verdict_known
 from .bundle import Bundle, BundleError
-from .preprocess import ImageError, checked_size, decode_image, load_image, preprocess
+from .preprocess import ImageError, decode_image, load_image, preprocess, to_rgb8
 from .runners import RunnerError
 
 
@@ -214,16 +214,14 @@ class Pipeline:
 
     # -- inputs -------------------------------------------------------------------------------
     def load(self, image, mode: str | None = None) -> tuple[np.ndarray, str, tuple[int, int]]:
-        """Path, encoded bytes, or an RGB uint8 array -> ([1,3,224,224], name, (h, w))."""
+        """Path, encoded bytes, or an array (RGB [H,W,3], grey [H,W] or [H,W,1], RGBA; 8- or 16-bit: ``to_rgb8``)
+        -> ([1,3,224,224], name, (h, w))."""
         if isinstance(image, (str, os.PathLike)):
             rgb, name = load_image(image), os.fspath(image)
         elif isinstance(image, (bytes, bytearray)):
             rgb, name = decode_image(bytes(image)), '<bytes>'
         else:
-            rgb, name = np.asarray(image), '<array>'
-            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                raise ImageError(f"{name}: expected an RGB uint8 array [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
-            checked_size(rgb, name)
+            rgb, name = to_rgb8(image), '<array>'
         x = preprocess(rgb, self.pre['mean'], self.pre['std'], self.pre['size'], mode or self.resize_mode)
         return x, name, rgb.shape[:2]
 
@@ -413,7 +411,7 @@ class Pipeline:
     # -- the main job -------------------------------------------------------------------------
     def inspect(self, image, class_name: str | None = None, describe: str | None = None, question: str | None = None,
                 references=None, memory: np.ndarray | None = None, llm: bool = True, verdict_first: bool = False,
-                threshold: float = 0.5) -> Result:
+                threshold: float = 0.5, label: str | None = None) -> Result:
         """The main job: ``image`` (a path, encoded bytes or an RGB uint8 array [H,W,3]) -> Result.
 
         ``class_name`` (else the class named in ``describe``/``question``, see ``resolve_class``) picks the text
@@ -421,8 +419,11 @@ class Pipeline:
         make it few-shot. ``llm=False``: the map, score and regions only (a verdict only from a calibrated
         threshold); ``verdict_first``: generation stops once Yes/No is known (the answer is then cut there).
         ``threshold``: the map level in (0, 1] above which regions are reported (not the verdict's threshold).
-        ImageError for a bad image, KeyError for an unknown class."""
+        ``label``: what the result calls the image (e.g. a frame id; default: the path, '<bytes>' or '<array>').
+        ImageError for a bad image, KeyError for an unknown class, ValueError for a threshold out of range."""
         self._check_open()
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold is a map level in (0, 1], not {threshold}")
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
         with _Timer(timings, 'preprocess'):
@@ -450,8 +451,8 @@ class Pipeline:
             verdict, source = map_verdict, 'threshold'
         timings['total'] = (time.perf_counter() - t_all) * 1e3
         found = regions(m, self.prompt['location_words'], threshold, grid=self.token_grid)
-        return Result(image=name, class_name=cls, score=float(m.max()), anomaly_map=m, regions=found,
-                      locations=region_words(found), verdict=verdict, answer=answer, answer_ids=ids,
+        return Result(image=name if label is None else label, class_name=cls, score=float(m.max()), anomaly_map=m,
+                      regions=found, locations=region_words(found), verdict=verdict, answer=answer, answer_ids=ids,
                       timings_ms=timings, original_size=tuple(size),
                       few_shot=memory is not None, verdict_source=source, threshold=score_threshold,
                       map_verdict=map_verdict, token_grid=self.token_grid)

@@ -79,15 +79,29 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{name}: not a decodable image (corrupt, or not an image format OpenCV reads)")
+    return to_rgb8(img, name, bgr=True)
+
+
+def to_rgb8(img: np.ndarray, name: str = '<array>', bgr: bool = False) -> np.ndarray:
+    """Grey [H,W] or [H,W,1], colour [H,W,3] or with alpha [H,W,4] (RGB order, or OpenCV's BGR with ``bgr``),
+    8- or 16-bit (or float, stretched to its range) -> RGB uint8 [H,W,3] of at least MIN_SIDE px a side."""
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))):
+        raise ImageError(f"{name}: expected a grey [H,W] or colour [H,W,3|4] image, got {img.dtype} {list(img.shape)}")
+    checked_size(img, name)
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif img.dtype != np.uint8:
+        if not np.issubdtype(img.dtype, np.number) or not np.isfinite(img).all():
+            raise ImageError(f"{name}: not finite numbers ({img.dtype})")
         img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped, as PIL's convert('RGB')
-    else:
+    elif img.shape[2] == 4:   # alpha dropped, as PIL's convert('RGB')
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    elif bgr:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return checked_size(img, name)
 

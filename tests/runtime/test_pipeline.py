@@ -251,3 +251,19 @@ def test_a_closed_pipeline_refuses_to_run(tiny_bundle, images):
             call()
     with pytest.raises(ValueError, match='threads must be at least 1'):
         Pipeline.from_bundle(tiny_bundle, threads=0)
+
+
+def test_a_mono_camera_frame_gives_the_answer_of_its_rgb_copy(pipeline):
+    grey = cv2.cvtColor(textured(7, defect=True), cv2.COLOR_RGB2GRAY)
+    mono = pipeline.inspect(grey, class_name='bottle')
+    rgb = pipeline.inspect(np.repeat(grey[..., None], 3, axis=2), class_name='bottle')
+    assert mono.answer == rgb.answer and mono.score == rgb.score
+
+
+def test_a_frame_can_be_labelled_and_a_region_level_out_of_range_is_refused(pipeline):
+    frame = textured(8)
+    assert pipeline.inspect(frame, class_name='bottle', llm=False, label='cam0/000123').image == 'cam0/000123'
+    assert pipeline.inspect(frame, class_name='bottle', llm=False).image == '<array>'
+    for level in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match=r'threshold is a map level in \(0, 1\]'):
+            pipeline.inspect(frame, class_name='bottle', llm=False, threshold=level)

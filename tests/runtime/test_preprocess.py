@@ -112,3 +112,21 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     jpg = cv2.imencode('.jpg', gradient(70, 90))[1].tobytes()
     from anomalygpt_edge.runtime.preprocess import _declared_size
     assert _declared_size(jpg) == (90, 70)
+
+
+def test_arrays_of_a_mono_or_16_bit_camera_become_rgb():
+    from anomalygpt_edge.runtime.preprocess import to_rgb8
+    rgb = gradient()
+    grey = rgb[..., 0]
+    expected_grey = np.repeat(grey[..., None], 3, axis=2)
+    np.testing.assert_array_equal(to_rgb8(grey), expected_grey)
+    np.testing.assert_array_equal(to_rgb8(grey[..., None]), expected_grey)
+    np.testing.assert_array_equal(to_rgb8(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])), rgb)  # RGBA
+    np.testing.assert_array_equal(to_rgb8(rgb.astype(np.uint16) * 257), rgb)
+    np.testing.assert_array_equal(to_rgb8(rgb[..., ::-1], bgr=True), rgb)
+    for bad, message in [(np.zeros((40, 40, 2), np.uint8), r'grey \[H,W\] or colour'),
+                         (np.zeros((0, 0), np.uint8), 'at least 16x16'),
+                         (np.full((40, 40), np.nan, np.float32), 'not finite'),
+                         (np.zeros((8, 40), np.uint8), 'at least 16x16')]:
+        with pytest.raises(ImageError, match=message):
+            to_rgb8(bad)
