@@ -50,6 +50,7 @@ def run(args) -> int:
             fail(e.args[0] if isinstance(e, KeyError) else e)
             return 2
         map_names: set[str] = set()
+        tally = {'failed': 0}
         for image in args.images:
             try:
                 res = pipe.inspect(image, class_name=args.class_name, describe=args.describe, question=args.question,
@@ -57,12 +58,14 @@ def run(args) -> int:
                                    threshold=args.threshold)
             except ImageError as e:
                 fail(e)
-                status = 2
+                status, tally['failed'] = 2, tally['failed'] + 1
                 continue
             except LlamaError as e:
                 fail(f"{image}: {e}")
-                status = 2
+                status, tally['failed'] = 2, tally['failed'] + 1
                 continue
+            verdict = res.verdict or 'no verdict'
+            tally[verdict] = tally.get(verdict, 0) + 1
             if args.json:
                 print(json.dumps(res.to_dict()), flush=True)
             else:
@@ -82,7 +85,15 @@ def run(args) -> int:
                     why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e.strerror or e
                     fail(f"{out}: map not written ({why})")
                     status = 2
+    if len(args.images) > 1:   # on stderr: stdout stays one line (or JSON object) per image
+        print(f"anomalygpt-edge inspect: {summary(tally, len(args.images))}", file=sys.stderr)
     return status
+
+
+def summary(tally: dict, n: int) -> str:
+    """'5 images: 3 yes, 1 no, 1 failed' (the verdicts counted as given, in a fixed order)."""
+    order = ['yes', 'no', 'unclear', 'no verdict', 'failed']
+    return f"{n} images: " + ', '.join(f"{tally[k]} {k}" for k in order if tally.get(k))
 
 
 def map_name(image, taken: set) -> str:

@@ -46,9 +46,10 @@ def test_a_prompt_longer_than_the_context_is_reported_per_image():
                         str(STAIN), '--class', 'washer', '--n-ctx', '256', '--question', 'Is it scratched? ' * 100],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    errors = r.stderr.splitlines()
+    *errors, count = r.stderr.splitlines()
     assert len(errors) == 2 and all('context full' in e and '--n-ctx' in e for e in errors)
     assert 'washer-good.png' in errors[0] and 'washer-stain.png' in errors[1]
+    assert count.endswith('2 images: 2 failed')
 
 
 def test_a_map_that_cannot_be_written_is_named_after_the_result(tmp_path, capsys):
@@ -118,3 +119,12 @@ def test_tensorrt_backend_without_tensorrt_is_a_missing_dependency(capsys):
         pytest.skip('tensorrt and pycuda are installed here')
     assert inspect(GOOD, '--no-llm', '--backend', 'tensorrt') == 3
     assert 'docs/tensorrt.md' in capsys.readouterr().err
+
+
+def test_several_images_end_with_a_count_on_stderr(tmp_path, capsys):
+    broken = tmp_path / 'broken.png'
+    broken.write_text('not an image')
+    assert inspect(GOOD, STAIN, broken, '--class', 'washer', '--json') == 2
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2   # stdout: one JSON object per image inspected, nothing else
+    assert err.splitlines()[-1] == 'anomalygpt-edge inspect: 3 images: 1 yes, 1 no, 1 failed'
