@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument('--markdown', metavar='PATH', help='also a markdown report')
     p.add_argument('--plot', metavar='PATH', help='also a PNG chart of the stages (needs matplotlib)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--check', action='store_true',
+                   help='exit 1 when a speed target is missed (for a CI gate); the report is written either way')
 
 
 def run(args) -> int:
@@ -88,4 +90,9 @@ def run(args) -> int:
     if args.plot:
         plot(report, args.plot)
     save_report(report, args.json, markdown(report), args.markdown)
+    missed = [f"{t['what']} against {t['against']}: {t['measured']:.2f}x" for t in report.get('targets', [])
+              if not t['met']]
+    if args.check and missed:
+        print("anomalygpt-edge bench: targets missed:\n  " + '\n  '.join(missed), file=sys.stderr)
+        return 1
     return 0

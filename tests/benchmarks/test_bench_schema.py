@@ -151,3 +151,20 @@ def test_bad_usage_exits_2_with_a_message(tmp_path, capsys, argv, message):
     assert main(['bench', *argv, '--quiet', '--json', str(tmp_path / 'x.json')]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / 'x.json').exists()
+
+
+@pytest.mark.parametrize('check, code', [([], 0), (['--check'], 1)])
+def test_check_fails_the_run_on_a_missed_target(tmp_path, capsys, monkeypatch, check, code):
+    from anomalygpt_edge.benchmarks import bench_report, latency
+    report = {'targets': [
+        {'what': 'decode >= 70% of the memory-bandwidth ceiling', 'against': 'bandwidth ceiling', 'measured': 0.9,
+         'threshold': 0.7, 'met': True},
+        {'what': 'time to verdict >= 4x faster than the PyTorch pipeline', 'against': 'bf16', 'measured': 1.9,
+         'threshold': 4.0, 'met': False}]}
+    monkeypatch.setattr(latency, 'run_bench', lambda opts: report)
+    monkeypatch.setattr(bench_report, 'markdown', lambda r: '')
+    monkeypatch.setattr(bench_report, 'save_report', lambda *a, **k: None)
+    assert main(['bench', '--quiet', '--json', str(tmp_path / 'x.json'), *check]) == code
+    err = capsys.readouterr().err
+    assert ('time to verdict >= 4x faster than the PyTorch pipeline against bf16: 1.90x' in err) == bool(check)
+    assert 'bandwidth ceiling' not in err
