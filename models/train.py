@@ -33,7 +33,7 @@ from .anomalygpt import AnomalyGPT
 from .config import CONFIGS, ModelConfig, get_config
 from .decoder import few_shot_map_matmul, label_as_map, layer_logits
 from .imagebind import TextTower, init_random
-from .loaders import CheckpointError
+from .loaders import CheckpointError, load_into
 from .losses import pixel_loss
 from .patch_probe import PatchProbe, cell_targets, patch_targets, probe_loss
 from .text_features import class_text_features
@@ -785,21 +785,6 @@ def no_trained_model(work) -> CheckpointError:
                            f"--work {work}, without --export-only)")
 
 
-def _load_strict(module, weights: dict, path: Path, config: str) -> None:
-    """``load_state_dict(strict=True)``, its error as one line: a model of another config differs in every layer."""
-    expected = module.state_dict()
-    shaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    if shaped or missing or unexpected:
-        example = f"; e.g. {shaped[0]} is {list(weights[shaped[0]].shape)}, not {list(expected[shaped[0]].shape)}" \
-            if shaped else ''
-        raise CheckpointError(f"{path}: its weights do not fit the {config!r} model ({len(shaped)} of other shapes, "
-                              f"{len(missing)} missing, {len(unexpected)} unexpected{example}): was it trained with "
-                              "another --config?")
-    module.load_state_dict(weights)
-
-
 def load_trained(work, model: AnomalyGPT, text: TextTower) -> dict:
     """Load ``<work>/final.pt`` (written by :func:`main`) into a model built by :func:`build_small`."""
     path = Path(work) / 'final.pt'
@@ -810,8 +795,11 @@ def load_trained(work, model: AnomalyGPT, text: TextTower) -> dict:
     if trained is not None and trained != model.cfg.name:
         raise CheckpointError(f"{path}: trained with --config {trained}, not {model.cfg.name}: export it with "
                               f"--config {trained}")
-    _load_strict(model, state['model'], path, model.cfg.name)
-    _load_strict(text, state['text'], path, model.cfg.name)
+    try:   # the strict loader's error names the keys (at most 12 of each kind), not torch's page of them
+        load_into(model, path, state['model'], f"{model.cfg.name!r} model's")
+        load_into(text, path, state['text'], f"{model.cfg.name!r} text tower's")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n  (was it trained with another --config?)") from None
     model.eval(), text.eval()
     return state
 
