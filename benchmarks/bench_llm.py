@@ -12,10 +12,8 @@ t = a + b * layers, then extrapolated (and labelled so) to the real depth.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
-import logging
 import os
 import time
 from pathlib import Path
@@ -72,23 +70,12 @@ def build_hf(llm_cfg, layers: int, seed: int = 0):
     return model
 
 
-@contextlib.contextmanager
-def _quiet(*loggers):
-    """The GGUF writer warns once per padding token (31k of them for a small tokenizer at vocab 32001)."""
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
 def export_gguf(hf_model, tokenizer_dir, out_dir: Path, quants) -> dict[str, Path]:
     from ..export.llm_export import export_llm
+    from ..export.quiet_logs import quiet_logs
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet('anomalygpt_edge.export.gguf_writer', 'anomalygpt_edge.export.llm_export',
+    # the GGUF writer warns once per padding token (31k of them for a small tokenizer at vocab 32001)
+    with quiet_logs('anomalygpt_edge.export.gguf_writer', 'anomalygpt_edge.export.llm_export',
                 'anomalygpt_edge.export.quantize'):
         section = export_llm(hf_model, tokenizer_dir, out_dir, quants=tuple(quants), name='bench-random-llama')
     return {q: out_dir / f for q, f in section['files'].items()}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import onnx
 
+from .quiet_logs import quiet_logs
+
 FP32_OPS = ('LayerNormalization', 'Softmax', 'Sigmoid', 'ReduceL2', 'ReduceSumSquare')
 # nodes between a norm and the division that applies it (F.normalize: ReduceL2 -> Clip -> Expand -> Div)
 _NORM_PATH = ('Clip', 'Max', 'Expand', 'Div', 'ReduceSum', 'Sqrt')
@@ -90,13 +92,8 @@ def to_fp16(model: onnx.ModelProto, work_dir, after_normalise: bool = False,
     onnx.load_external_data_for_model(model, str(work_dir))  # saving moved the caller's weights out
     # its INFO log dumps whole node lists for each initializer an FP32 island shares with FP16 nodes (a random
     # model's all-ones LayerNorm weights, deduplicated by the exporter): the export's own verification judges them
-    converter_log = logging.getLogger('onnxruntime.transformers.float16')
-    level = converter_log.level
-    converter_log.setLevel(max(level, logging.WARNING))
-    try:
+    with quiet_logs('onnxruntime.transformers.float16', level=logging.WARNING):
         half = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(FP32_OPS),
                                         node_block_list=sorted(block))
-    finally:
-        converter_log.setLevel(level)
     OnnxModel.graph_topological_sort(half.graph)  # the converter appends its I/O casts at the end
     return half
