@@ -16,7 +16,7 @@ import numpy as np
 
 from .answers import parse_verdict, region_words, regions, verdict_known
 from .bundle import Bundle, BundleError
-from .preprocess import ImageError, decode_image, load_image, preprocess, to_rgb8
+from .preprocess import decode_image, load_image, preprocess, to_rgb8
 from .runners import RunnerError
 
 
@@ -404,7 +404,7 @@ class Pipeline:
             mode = 'zero-shot'
         else:
             taps = next(o for o in self.bundle.component('encoder', 'fp32')['outputs'] if o['name'] == 'taps')
-            mode = f"{memory.shape[1] // taps['shape'][2]}-shot"
+            mode = f"{np.shape(memory)[1] // taps['shape'][2]}-shot"
         entry = (self.thresholds.get(class_name) or {}).get(mode)
         return None if entry is None else float(entry['score'])
 
@@ -412,7 +412,7 @@ class Pipeline:
     def inspect(self, image, class_name: str | None = None, describe: str | None = None, question: str | None = None,
                 references=None, memory: np.ndarray | None = None, llm: bool = True, verdict_first: bool = False,
                 threshold: float = 0.5, label: str | None = None) -> Result:
-        """The main job: ``image`` (a path, encoded bytes or an RGB uint8 array [H,W,3]) -> Result.
+        """The main job: ``image`` (a path, encoded bytes or an array, as ``load`` takes them) -> Result.
 
         ``class_name`` (else the class named in ``describe``/``question``, see ``resolve_class``) picks the text
         features of the zero-shot map; ``references`` (normal images) or ``memory`` (``memory()``/``load_memory``)
@@ -432,9 +432,7 @@ class Pipeline:
         if references is not None and memory is None:
             with _Timer(timings, 'memory'):
                 memory = self.memory(references)
-        if memory is not None:
-            memory = self.check_memory(memory)
-        token, amap, prompts = self.vision(x, cls, memory, timings)
+        token, amap, prompts = self.vision(x, cls, memory, timings)   # checks the memory
         m = amap[0, 0]
         verdict = answer = source = map_verdict = None
         score_threshold = self.threshold_for(cls, memory)
